@@ -1,0 +1,264 @@
+"""What the run scripts share: argument parsing with YAML tables, one-line errors, output handling.
+
+Configuration has one source of truth per concern — a dataclass (`LoSparseConfig`, the task's data
+arguments, `TrainingArguments`, ...). A `--config FILE.yaml` fills them and explicit CLI flags win:
+the YAML is turned into flags placed *before* the user's, and argparse keeps the last value given.
+
+YAML layout (every key must be a field of one of the script's dataclasses):
+    key: value                 # applies to every task
+    tasks:
+      mnli:
+        key: value             # applies to --task_name mnli
+        ratios:
+          0.2: {key: value}    # applies to --remaining_ratio 0.2
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+from .errors import LoSparseUsageError
+
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+@dataclass
+class ModelArguments:
+    """Which pretrained model to start from (a hub name for users with internet, or a local directory)."""
+
+    model_name_or_path: str = field(metadata={"help": "Hub model id or local directory with config + weights."})
+    tokenizer_name: Optional[str] = field(default=None, metadata={"help": "Tokenizer, if not the model's own."})
+    cache_dir: Optional[str] = field(default=None, metadata={"help": "Where downloaded models/datasets are cached."})
+
+
+@dataclass
+class RunArguments:
+    """Arguments about the run itself rather than the model, data or compression."""
+
+    config: Optional[str] = field(
+        default=None,
+        metadata={"help": "YAML hyperparameter table (see configs/); explicit CLI flags override its values."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Allow writing into an existing non-empty --output_dir (files there may be replaced)."},
+    )
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one clear line and exit: the way every bad input ends."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def run_main(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Sequence[str]] = None) -> Any:
+    """Call an entry script's `main`, turning usage errors into one line and exit code 2."""
+    try:
+        return main(argv)
+    except LoSparseUsageError as exc:
+        fail(str(exc))
+
+
+def coerce_number(value: Any) -> Any:
+    """YAML 1.1 reads `1e-4` (no dot) as a string: turn number-looking strings into numbers."""
+    if isinstance(value, str) and _NUMBER.match(value.strip()):
+        text = value.strip()
+        return int(text) if re.fullmatch(r"[+-]?\d+", text) else float(text)
+    return value
+
+
+def _field_names(dataclass_types: Sequence[type]) -> set[str]:
+    return {f.name for t in dataclass_types for f in dataclasses.fields(t)}
+
+
+def _select_ratio(ratios: dict[Any, Any], ratio: float, where: str) -> dict[str, Any]:
+    for key, values in ratios.items():
+        if math.isclose(float(coerce_number(key)), ratio, rel_tol=0, abs_tol=1e-9):
+            return values or {}
+    available = ", ".join(str(coerce_number(k)) for k in ratios)
+    raise LoSparseUsageError(f"--remaining_ratio {ratio} has no entry under {where}.ratios; available: {available}")
+
+
+def resolve_yaml_config(path: str, task_name: Optional[str], remaining_ratio: Optional[float],
+                        allowed_keys: set[str]) -> dict[str, Any]:
+    """Flatten a YAML table for one task and ratio into {argument name: value}."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise LoSparseUsageError(f"--config {path!r} does not exist")
+    try:
+        with open(path) as f:
+            table = yaml.safe_load(f) or {}
+    except yaml.YAMLError as exc:
+        raise LoSparseUsageError(f"--config {path!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(table, dict):
+        raise LoSparseUsageError(f"--config {path!r} must hold a mapping of argument names to values")
+    values: dict[str, Any] = {k: v for k, v in table.items() if k != "tasks"}
+    sections = [("top level", values)]
+    tasks = table.get("tasks") or {}
+    task_section: dict[str, Any] = {}
+    if tasks:
+        task_name = task_name or table.get("task_name")
+        if task_name is None:
+            raise LoSparseUsageError(f"--config {path!r} has per-task sections ({', '.join(tasks)}); pass --task_name")
+        if task_name not in tasks:
+            raise LoSparseUsageError(
+                f"--task_name {task_name!r} is not in --config {path!r}; available: {', '.join(tasks)}"
+            )
+        task_section = dict(tasks[task_name] or {})
+        ratios = task_section.pop("ratios", None)
+        sections.append((f"tasks.{task_name}", task_section))
+        values.update(task_section)
+        if ratios:
+            ratio = remaining_ratio if remaining_ratio is not None else values.get("remaining_ratio")
+            if ratio is None:
+                raise LoSparseUsageError(
+                    f"--config {path!r} has per-ratio values for {task_name}; pass --remaining_ratio"
+                )
+            ratio_section = _select_ratio(ratios, float(coerce_number(ratio)), f"tasks.{task_name}")
+            sections.append((f"tasks.{task_name}.ratios", ratio_section))
+            values.update(ratio_section)
+    for where, section in sections:
+        for key in section:
+            if key not in allowed_keys:
+                raise LoSparseUsageError(
+                    f"unknown key {key!r} in --config {path!r} ({where}); keys must be argument names of this "
+                    "script (see --help)"
+                )
+    return {k: coerce_number(v) for k, v in values.items()}
+
+
+def _to_flags(values: dict[str, Any]) -> list[str]:
+    flags: list[str] = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            flags += [f"--{key}", str(value).lower()]
+        elif isinstance(value, (list, tuple)):
+            flags += [f"--{key}", *map(str, value)]
+        elif isinstance(value, dict):
+            flags += [f"--{key}", json.dumps(value)]
+        else:
+            flags += [f"--{key}", str(value)]
+    return flags
+
+
+def parse_arguments(dataclass_types: Sequence[type], argv: Optional[Sequence[str]] = None,
+                    description: Optional[str] = None) -> tuple:
+    """Parse CLI flags (plus an optional `--config` YAML) into instances of `dataclass_types`."""
+    from transformers import HfArgumentParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    pre.add_argument("--task_name")
+    pre.add_argument("--remaining_ratio", type=float)
+    known, _ = pre.parse_known_args(argv)
+    yaml_flags: list[str] = []
+    if known.config:
+        values = resolve_yaml_config(known.config, known.task_name, known.remaining_ratio,
+                                     _field_names(dataclass_types))
+        yaml_flags = _to_flags(values)
+    parser = HfArgumentParser(dataclass_types, description=description)
+    try:
+        return parser.parse_args_into_dataclasses(args=yaml_flags + argv, look_for_args_file=False)
+    except LoSparseUsageError:
+        raise
+    except ValueError as exc:
+        raise LoSparseUsageError(str(exc).strip().splitlines()[0]) from None
+
+
+def check_output_dir(output_dir: Optional[str], overwrite: bool, resume_from_checkpoint: Optional[str]) -> None:
+    """Refuse to write into a non-empty directory unless asked to (or resuming a run there)."""
+    if not output_dir:
+        raise LoSparseUsageError("--output_dir is required")
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite and not resume_from_checkpoint:
+        raise LoSparseUsageError(
+            f"--output_dir {output_dir!r} exists and is not empty; pass --overwrite_output_dir to write into it, "
+            "--resume_from_checkpoint to continue a run there, or choose another directory"
+        )
+    if resume_from_checkpoint and resume_from_checkpoint not in ("True", "true") and not os.path.isdir(
+            resume_from_checkpoint):
+        raise LoSparseUsageError(f"--resume_from_checkpoint {resume_from_checkpoint!r} is not a directory")
+
+
+def check_targets_before_loading(model_name_or_path: str, auto_class: Any, losparse_config: Any,
+                                 cache_dir: Optional[str] = None, **config_kwargs: Any) -> None:
+    """Build the model skeleton on the meta device (no weights) and check the targets match something."""
+    import torch
+    from transformers import AutoConfig
+
+    from .decompose import require_targets
+
+    try:
+        model_config = AutoConfig.from_pretrained(model_name_or_path, cache_dir=cache_dir, **config_kwargs)
+    except (OSError, ValueError) as exc:
+        raise LoSparseUsageError(
+            f"--model_name_or_path {model_name_or_path!r} could not be loaded: {str(exc).splitlines()[0]}"
+        ) from None
+    with torch.device("meta"):
+        skeleton = auto_class.from_config(model_config)
+    require_targets(skeleton, losparse_config)
+
+
+def write_json(path: str, payload: dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True, default=str)
+
+
+def setup_logging(training_args: Any) -> None:
+    """Readable logs on stdout; only the main process talks at INFO level under DDP."""
+    import logging
+
+    import transformers
+
+    level = training_args.get_process_log_level()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        handlers=[logging.StreamHandler(sys.stdout)], level=level)
+    logging.getLogger("losparse").setLevel(level)
+    transformers.utils.logging.set_verbosity(level)
+
+
+def finish_run(trainer: Any, tokenizer: Any, evaluate: Callable[[], dict[str, float]],
+               extra_results: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Compact the trained model, evaluate it, save it with its tokenizer, write all_results.json.
+
+    The reported eval metrics are those of the compacted model, i.e. of exactly what is saved.
+    A model without LoSparse layers (method 'finetune') is saved as a plain transformers model.
+    """
+    import logging
+
+    from .decompose import losparse_layers
+    from .export import compact, format_report, parameter_report, save
+
+    logger = logging.getLogger("losparse")
+    model = trainer.model
+    output_dir = trainer.args.output_dir
+    if losparse_layers(model):
+        compact(model)
+    metrics = evaluate()
+    if trainer.is_world_process_zero():
+        if losparse_layers(model):
+            report = parameter_report(model)
+            save(model, output_dir, tokenizer=tokenizer)
+        else:
+            total = sum(p.numel() for p in model.parameters())
+            report = {"remaining_ratio": 1.0, "model_params": total, "model_params_dense": total, "num_layers": 0}
+            model.save_pretrained(output_dir)
+            tokenizer.save_pretrained(output_dir)
+        results = {**(extra_results or {}), **metrics, "compression": report}
+        write_json(os.path.join(output_dir, "all_results.json"), results)
+        if report.get("num_layers"):
+            logger.info(format_report(report))
+        logger.info("Saved the model and all_results.json to %s", output_dir)
+        return results
+    return metrics

@@ -1,0 +1,151 @@
+"""`LoSparseConfig`: the one source of truth for how a model is compressed.
+
+The same dataclass is filled from Python, from a YAML table (`--config`) and from CLI flags
+(`HfArgumentParser`), so every check of a user's value lives here, in `__post_init__`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .errors import LoSparseUsageError
+
+METHODS = ("losparse", "finetune")
+PRUNE_DIMS = ("rows", "columns")
+IMPORTANCE_METRICS = ("sensitivity", "magnitude")
+
+
+@dataclass
+class LoSparseConfig:
+    """How to decompose and prune.  Paper symbols in brackets.
+
+    Ratios are fractions of the parameters of the *targeted* weight matrices (biases, embeddings,
+    LayerNorm and the task head are never counted, as in the paper's "Ratio" column).
+    """
+
+    method: str = field(
+        default="losparse",
+        metadata={"help": f"Compression method. One of: {', '.join(METHODS)}."},
+    )
+    remaining_ratio: float = field(
+        default=0.2,
+        metadata={"help": "Fraction of the targeted matrices' parameters that remain (paper: Ratio)."},
+    )
+    low_rank_ratio: float = field(
+        default=0.05,
+        metadata={
+            "help": "Share of the parameters spent on the low-rank part U·V (paper: r). Rank per layer is "
+            "k = ceil(r·out·in/(out+in)); the sparse part keeps remaining_ratio minus the achieved low-rank share."
+        },
+    )
+    prune_dim: str = field(
+        default="rows",
+        metadata={
+            "help": "Which neurons of S are pruned: 'rows' = output neurons (rows of nn.Linear.weight, the "
+            "reference code's choice), 'columns' = input neurons."
+        },
+    )
+    importance: str = field(
+        default="sensitivity",
+        metadata={"help": "Entry importance: 'sensitivity' |s·dL/ds| (eq. 2) or 'magnitude' |s|."},
+    )
+    beta1: float = field(
+        default=0.85,
+        metadata={"help": "EMA factor of the sensitivity (paper: β, eq. 3). 0 disables smoothing."},
+    )
+    beta2: float = field(
+        default=0.0,
+        metadata={"help": "EMA factor of PLATON's uncertainty term; 0 (default) leaves it out."},
+    )
+    pruning_warmup_steps: Optional[int] = field(
+        default=None,
+        metadata={"help": "Optimizer steps before pruning starts (paper: t_i). Overrides pruning_warmup_ratio."},
+    )
+    pruning_warmup_ratio: float = field(
+        default=0.1,
+        metadata={"help": "t_i as a fraction of the total optimizer steps, used when pruning_warmup_steps is unset."},
+    )
+    pruning_final_steps: Optional[int] = field(
+        default=None,
+        metadata={"help": "Final optimizer steps at the target ratio (paper: t_f). Overrides pruning_final_ratio."},
+    )
+    pruning_final_ratio: float = field(
+        default=0.3,
+        metadata={"help": "t_f as a fraction of the total optimizer steps, used when pruning_final_steps is unset."},
+    )
+    pruning_interval: int = field(
+        default=10,
+        metadata={"help": "Masks are recomputed every this many optimizer steps while the ratio decays (ΔT)."},
+    )
+    target_modules: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": "Regular expressions matched (fully) against module names, e.g. "
+            "'.*\\.layer\\.\\d+\\.(attention|intermediate|output)\\..*'. Default: the built-in list for the model type."
+        },
+    )
+    target_module_types: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Class names of modules to target (e.g. Linear); combined with exclude_modules."},
+    )
+    exclude_modules: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Regular expressions of module names never to target (applied after the targets)."},
+    )
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `LoSparseUsageError` naming the bad value and what is allowed."""
+        if self.method not in METHODS:
+            raise LoSparseUsageError(f"--method {self.method!r} is not known; choose one of: {', '.join(METHODS)}")
+        for name in ("remaining_ratio", "low_rank_ratio"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or math.isnan(value) or not 0.0 < value <= 1.0:
+                raise LoSparseUsageError(f"--{name} {value!r} is out of range; it must be in (0, 1]")
+        if self.low_rank_ratio >= self.remaining_ratio:
+            raise LoSparseUsageError(
+                f"--low_rank_ratio {self.low_rank_ratio} must be below --remaining_ratio {self.remaining_ratio} "
+                "(the sparse part gets the difference)"
+            )
+        if self.prune_dim not in PRUNE_DIMS:
+            raise LoSparseUsageError(f"--prune_dim {self.prune_dim!r} is not known; choose one of: {', '.join(PRUNE_DIMS)}")
+        if self.importance not in IMPORTANCE_METRICS:
+            raise LoSparseUsageError(
+                f"--importance {self.importance!r} is not known; choose one of: {', '.join(IMPORTANCE_METRICS)}"
+            )
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise LoSparseUsageError(f"--{name} {value!r} is out of range; it must be in [0, 1)")
+        for name in ("pruning_warmup_ratio", "pruning_final_ratio"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise LoSparseUsageError(f"--{name} {value!r} is out of range; it must be in [0, 1)")
+        if self.pruning_warmup_ratio + self.pruning_final_ratio >= 1.0:
+            raise LoSparseUsageError(
+                f"--pruning_warmup_ratio {self.pruning_warmup_ratio} + --pruning_final_ratio "
+                f"{self.pruning_final_ratio} must be below 1 (leave room for the decay)"
+            )
+        for name in ("pruning_warmup_steps", "pruning_final_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise LoSparseUsageError(f"--{name} {value!r} must be >= 0")
+        if self.pruning_interval < 1:
+            raise LoSparseUsageError(f"--pruning_interval {self.pruning_interval!r} must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "LoSparseConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)

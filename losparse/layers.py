@@ -1,0 +1,224 @@
+"""The two layer modules that replace a targeted `nn.Linear`.
+
+`LoSparseLinear` is the training-time layer: W = U·V + S with a whole-neuron mask on S.
+`CompactLoSparseLinear` is the inference layer made from it by `losparse.compact`: it stores only
+U, V, the kept neurons of S and their indices, so it is really smaller and cheaper.
+
+Shapes follow `nn.Linear`: weight is (out_features, in_features), y = x·Wᵀ + b.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PRUNE_DIM_TO_AXIS = {"rows": 0, "columns": 1}
+
+
+class LoSparseLinear(nn.Module):
+    """y = x·(U·V + S)ᵀ + b, with S pruned by whole neurons.
+
+    Parameters (any may be absent, so baselines reuse the layer):
+      low_rank_u: (out, k)   low_rank_v: (k, in)   sparse: (out, in)   bias: (out,)
+    Buffer:
+      sparse_mask: bool, (out,) for prune_dim="rows" or (in,) for "columns"; True = neuron kept.
+      It is saved with Trainer checkpoints, so a resumed run continues with the same mask.
+
+    The forward pass builds the effective weight once (U·V costs out·k·in, far less than the
+    x·Wᵀ product for any realistic token count) and runs one GEMM; autograd then gives S the full
+    gradient that the sensitivity score needs.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        has_sparse: bool = True,
+        prune_dim: str = "rows",
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__()
+        if prune_dim not in PRUNE_DIM_TO_AXIS:
+            raise ValueError(f"prune_dim {prune_dim!r} is not one of {sorted(PRUNE_DIM_TO_AXIS)}")
+        factory = {"device": device, "dtype": dtype}
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rank = rank
+        self.prune_dim = prune_dim
+        self.low_rank_u = nn.Parameter(torch.zeros(out_features, rank, **factory)) if rank > 0 else None
+        self.low_rank_v = nn.Parameter(torch.zeros(rank, in_features, **factory)) if rank > 0 else None
+        self.sparse = nn.Parameter(torch.zeros(out_features, in_features, **factory)) if has_sparse else None
+        self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+        num_neurons = out_features if prune_dim == "rows" else in_features
+        self.register_buffer("sparse_mask", torch.ones(num_neurons, dtype=torch.bool, device=device))
+
+    @property
+    def neuron_axis(self) -> int:
+        """Axis of `sparse` that indexes the prunable neurons (0 for rows, 1 for columns)."""
+        return PRUNE_DIM_TO_AXIS[self.prune_dim]
+
+    @property
+    def neuron_size(self) -> int:
+        """Parameters of S in one prunable neuron."""
+        return self.in_features if self.prune_dim == "rows" else self.out_features
+
+    def low_rank_weight(self) -> Optional[torch.Tensor]:
+        if self.low_rank_u is None:
+            return None
+        return self.low_rank_u @ self.low_rank_v
+
+    def effective_weight(self) -> torch.Tensor:
+        """U·V + S as one (out, in) matrix (S already carries its mask)."""
+        low_rank = self.low_rank_weight()
+        if self.sparse is None:
+            if low_rank is None:
+                raise RuntimeError("LoSparseLinear has neither a low-rank nor a sparse part")
+            return low_rank
+        return self.sparse if low_rank is None else self.sparse + low_rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.effective_weight(), self.bias)
+
+    def _broadcast_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        return mask.unsqueeze(1) if self.neuron_axis == 0 else mask.unsqueeze(0)
+
+    @torch.no_grad()
+    def set_sparse_mask(self, mask: torch.Tensor) -> None:
+        """Store a new neuron mask and zero the pruned neurons of S."""
+        self.sparse_mask.copy_(mask)
+        self.apply_sparse_mask()
+
+    @torch.no_grad()
+    def apply_sparse_mask(self) -> None:
+        """Zero the pruned neurons of S again (after an optimizer step could have moved them)."""
+        if self.sparse is not None:
+            self.sparse.mul_(self._broadcast_mask(self.sparse_mask).to(self.sparse.dtype))
+
+    def kept_neuron_index(self) -> torch.Tensor:
+        return torch.nonzero(self.sparse_mask, as_tuple=False).flatten()
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"sparse={self.sparse is not None}, prune_dim={self.prune_dim}, bias={self.bias is not None}"
+        )
+
+
+class CompactLoSparseLinear(nn.Module):
+    """Inference form of `LoSparseLinear` with the pruned neurons of S physically removed.
+
+    prune_dim="rows" (m kept output neurons, indices `kept_index`):
+      fused_weight = [V; S_kept]  (k+m, in)     low_rank_u = U  (out, k)
+      z = x·fused_weightᵀ;  y = z[:, :k]·Uᵀ + b;  y[:, kept_index] += z[:, k:]
+    prune_dim="columns" (m kept input neurons):
+      low_rank_v = V  (k, in)                   fused_weight = [U | S_kept]  (out, k+m)
+      y = [x·Vᵀ, x[:, kept_index]]·fused_weightᵀ + b
+    Either way the work is two GEMMs and one gather/scatter over only the kept neurons, with no
+    dense S and no zero-filled buffer; any leading batch/sequence shape and any dtype works.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        num_kept: int,
+        bias: bool = True,
+        prune_dim: str = "rows",
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__()
+        if prune_dim not in PRUNE_DIM_TO_AXIS:
+            raise ValueError(f"prune_dim {prune_dim!r} is not one of {sorted(PRUNE_DIM_TO_AXIS)}")
+        factory = {"device": device, "dtype": dtype}
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rank = rank
+        self.num_kept = num_kept
+        self.prune_dim = prune_dim
+        if prune_dim == "rows":
+            self.fused_weight = nn.Parameter(torch.zeros(rank + num_kept, in_features, **factory))
+            self.low_rank_u = nn.Parameter(torch.zeros(out_features, rank, **factory))
+            self.low_rank_v = None
+        else:
+            self.low_rank_v = nn.Parameter(torch.zeros(rank, in_features, **factory))
+            self.fused_weight = nn.Parameter(torch.zeros(out_features, rank + num_kept, **factory))
+            self.low_rank_u = None
+        self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+        self.register_buffer("kept_index", torch.zeros(num_kept, dtype=torch.long, device=device))
+
+    @classmethod
+    @torch.no_grad()
+    def from_losparse(cls, layer: LoSparseLinear) -> "CompactLoSparseLinear":
+        kept_index = layer.kept_neuron_index() if layer.sparse is not None else layer.sparse_mask.new_zeros(0).long()
+        ref = layer.sparse if layer.sparse is not None else layer.low_rank_u
+        compact = cls(
+            layer.in_features,
+            layer.out_features,
+            layer.rank,
+            int(kept_index.numel()),
+            bias=layer.bias is not None,
+            prune_dim=layer.prune_dim,
+            device=ref.device,
+            dtype=ref.dtype,
+        )
+        rank = layer.rank
+        if layer.prune_dim == "rows":
+            if rank:
+                compact.fused_weight[:rank].copy_(layer.low_rank_v)
+                compact.low_rank_u.copy_(layer.low_rank_u)
+            if compact.num_kept:
+                compact.fused_weight[rank:].copy_(layer.sparse.index_select(0, kept_index))
+        else:
+            if rank:
+                compact.low_rank_v.copy_(layer.low_rank_v)
+                compact.fused_weight[:, :rank].copy_(layer.low_rank_u)
+            if compact.num_kept:
+                compact.fused_weight[:, rank:].copy_(layer.sparse.index_select(1, kept_index))
+        compact.kept_index.copy_(kept_index)
+        if layer.bias is not None:
+            compact.bias.copy_(layer.bias)
+        return compact
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rank = self.rank
+        if self.prune_dim == "rows":
+            z = F.linear(x, self.fused_weight)
+            if rank:
+                y = F.linear(z[..., :rank], self.low_rank_u, self.bias)
+            else:
+                y = x.new_zeros(*x.shape[:-1], self.out_features)
+                if self.bias is not None:
+                    y = y + self.bias
+            if self.num_kept:
+                y.index_add_(-1, self.kept_index, z[..., rank:])
+            return y
+        parts = [F.linear(x, self.low_rank_v)] if rank else []
+        if self.num_kept:
+            parts.append(x.index_select(-1, self.kept_index))
+        return F.linear(torch.cat(parts, dim=-1), self.fused_weight, self.bias)
+
+    @torch.no_grad()
+    def dense_weight(self) -> torch.Tensor:
+        """The equivalent dense (out, in) matrix U·V + S, for `merge`."""
+        rank = self.rank
+        if self.prune_dim == "rows":
+            weight = self.low_rank_u @ self.fused_weight[:rank]
+            weight.index_add_(0, self.kept_index, self.fused_weight[rank:])
+        else:
+            weight = self.fused_weight[:, :rank] @ self.low_rank_v
+            weight.index_add_(1, self.kept_index, self.fused_weight[:, rank:])
+        return weight
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"num_kept={self.num_kept} ({self.prune_dim}), bias={self.bias is not None}"
+        )

@@ -1,0 +1,144 @@
+"""Ties importance and schedule into masks (Algorithm 1, lines 10–13). Framework-agnostic.
+
+`LoSparsePruner.step(t)` is called once per optimizer step, after `optimizer.step()` and before the
+gradients are zeroed; any training loop can drive it (the Trainer does so through
+`losparse.trainer.LoSparseCallback`).
+
+Ranking is global: all neurons of all S matrices compete under one threshold. Neurons hold
+different numbers of parameters (a row of a 3072-wide FFN output holds 4× a row of a 768-wide
+one), so the threshold is placed where the kept *parameters* reach p_t of all S parameters — the
+paper's ratio is a parameter ratio.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import LoSparseConfig
+from .decompose import get_config
+from .errors import LoSparseUsageError
+from .importance import NeuronImportance
+from .layers import LoSparseLinear
+from .schedule import CubicSchedule, resolve_steps
+
+PRUNER_STATE_FILE = "losparse_pruner.safetensors"
+PRUNER_META_FILE = "losparse_pruner.json"
+
+
+def target_budget(layers: list[LoSparseLinear], remaining_ratio: float) -> dict[str, float]:
+    """Split the remaining-parameter budget between the low-rank part and S.
+
+    Returns the dense parameter count of the targeted matrices, the achieved low-rank share (ranks
+    round up, so it is a bit above r) and the kept fraction p_T of S that makes
+    low-rank share + p_T == remaining_ratio.
+    """
+    dense = sum(layer.in_features * layer.out_features for layer in layers)
+    low_rank = sum(layer.rank * (layer.in_features + layer.out_features) for layer in layers)
+    low_rank_share = low_rank / dense if dense else 0.0
+    return {
+        "dense_params": dense,
+        "low_rank_share": low_rank_share,
+        "final_kept_fraction": remaining_ratio - low_rank_share,
+    }
+
+
+class LoSparsePruner:
+    """Importance tracking + cubic schedule + global structured masking for one model."""
+
+    def __init__(self, model: nn.Module, total_steps: int, config: Optional[LoSparseConfig] = None) -> None:
+        self.config = config or get_config(model)
+        self.layers = [m for m in model.modules() if isinstance(m, LoSparseLinear) and m.sparse is not None]
+        budget = target_budget(self.layers, self.config.remaining_ratio)
+        self.final_kept_fraction = budget["final_kept_fraction"]
+        if self.final_kept_fraction <= 0.0:
+            raise LoSparseUsageError(
+                f"--low_rank_ratio {self.config.low_rank_ratio} leaves nothing for the sparse part: with ranks rounded "
+                f"up the low-rank share is {budget['low_rank_share']:.4f} >= --remaining_ratio "
+                f"{self.config.remaining_ratio}; lower --low_rank_ratio"
+            )
+        self.schedule = CubicSchedule(
+            total_steps=total_steps,
+            warmup_steps=resolve_steps(self.config.pruning_warmup_steps, self.config.pruning_warmup_ratio, total_steps),
+            final_steps=resolve_steps(self.config.pruning_final_steps, self.config.pruning_final_ratio, total_steps),
+            final_fraction=self.final_kept_fraction,
+            interval=self.config.pruning_interval,
+        )
+        self.importance = NeuronImportance(self.layers, self.config.importance, self.config.beta1, self.config.beta2)
+        device = self.importance.neuron_ema.device
+        self.neuron_sizes = torch.cat(
+            [torch.full((layer.sparse_mask.numel(),), layer.neuron_size, dtype=torch.float64, device=device)
+             for layer in self.layers]
+        ) if self.layers else torch.zeros(0, dtype=torch.float64)
+        self.total_sparse_params = float(self.neuron_sizes.sum()) if self.layers else 0.0
+        self.last_step = 0
+        self.kept_fraction = 1.0
+
+    @torch.no_grad()
+    def step(self, step: int) -> None:
+        """Run after optimizer step number `step` (1-based): update scores, then mask if due."""
+        self.importance.update()
+        self.last_step = step
+        if not self.schedule.is_pruning(step):
+            return
+        self.kept_fraction = self.schedule.kept_fraction(step)
+        if self.schedule.is_mask_update_step(step):
+            self.update_masks(self.kept_fraction)
+        else:
+            self.apply_masks()
+
+    @torch.no_grad()
+    def update_masks(self, kept_fraction: float) -> None:
+        """Keep the highest-scoring neurons whose parameters fit in `kept_fraction` of all S parameters."""
+        if not self.layers:
+            return
+        order = torch.argsort(self.importance.scores(), descending=True, stable=True)
+        kept_params = torch.cumsum(self.neuron_sizes[order], dim=0)
+        keep_sorted = kept_params <= kept_fraction * self.total_sparse_params + 0.5
+        keep = torch.empty_like(keep_sorted)
+        keep[order] = keep_sorted
+        for layer, mask in zip(self.layers, torch.split(keep, self.importance.num_neurons)):
+            layer.set_sparse_mask(mask)
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Zero pruned neurons again so optimizer momentum or weight decay never revives them."""
+        for layer in self.layers:
+            layer.apply_sparse_mask()
+
+    def achieved_kept_fraction(self) -> float:
+        """Kept S parameters / all S parameters, counted from the masks (host sync; for reports)."""
+        if not self.layers:
+            return 0.0
+        masks = torch.cat([layer.sparse_mask for layer in self.layers]).to(torch.float64)
+        return float((masks * self.neuron_sizes).sum()) / self.total_sparse_params
+
+    def save(self, directory: str) -> None:
+        """Write the pruner state (safetensors + a small JSON) into a checkpoint directory."""
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.importance.state_dict().items()}
+        save_file(tensors, os.path.join(directory, PRUNER_STATE_FILE))
+        with open(os.path.join(directory, PRUNER_META_FILE), "w") as f:
+            json.dump({"last_step": self.last_step, "kept_fraction": self.kept_fraction,
+                       "config": self.config.to_dict()}, f, indent=2)
+
+    def load(self, directory: str) -> bool:
+        """Restore the state saved by `save`; returns False if the directory holds none."""
+        from safetensors.torch import load_file
+
+        state_path = os.path.join(directory, PRUNER_STATE_FILE)
+        if not os.path.isfile(state_path):
+            return False
+        device = self.importance.neuron_ema.device
+        self.importance.load_state_dict({k: v.to(device) for k, v in load_file(state_path).items()})
+        with open(os.path.join(directory, PRUNER_META_FILE)) as f:
+            meta = json.load(f)
+        self.last_step = int(meta["last_step"])
+        self.kept_fraction = float(meta["kept_fraction"])
+        return True

@@ -1,0 +1,82 @@
+#!/usr/bin/env python
+"""Compress a transformer on a GLUE task (or your own CSV/JSON) with LoSparse, then save it compact.
+
+    python run_glue.py --model_name_or_path bert-base-uncased --task_name rte \
+        --remaining_ratio 0.2 --low_rank_ratio 0.02 --output_dir out/rte
+    python run_glue.py --config configs/glue/deberta-v3-base.yaml --task_name mnli --remaining_ratio 0.2 \
+        --output_dir out/mnli-20
+
+`--config` fills every argument from a YAML table; explicit flags win. Run `--help` for all flags.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional, Sequence
+
+from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
+                          TrainingArguments, set_seed)
+
+from losparse import LoSparseConfig, LoSparseTrainer, apply
+from losparse.cli import (ModelArguments, RunArguments, check_output_dir, check_targets_before_loading, finish_run,
+                          parse_arguments, run_main, setup_logging)
+from losparse.tasks import glue
+
+logger = logging.getLogger("losparse")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    model_args, data_args, losparse_config, run_args, training_args = parse_arguments(
+        (ModelArguments, glue.GlueDataArguments, LoSparseConfig, RunArguments, TrainingArguments), argv,
+        description=__doc__.split("\n\n")[0],
+    )
+    check_output_dir(training_args.output_dir, run_args.overwrite_output_dir, training_args.resume_from_checkpoint)
+    compress = losparse_config.method != "finetune"
+    if compress:
+        check_targets_before_loading(model_args.model_name_or_path, AutoModelForSequenceClassification,
+                                     losparse_config, cache_dir=model_args.cache_dir)
+    setup_logging(training_args)
+    set_seed(training_args.seed)
+
+    raw = glue.load_raw_datasets(data_args, cache_dir=model_args.cache_dir)
+    is_regression, label_list = glue.label_info(raw, data_args)
+    num_labels = 1 if is_regression else len(label_list)
+    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path,
+                                              cache_dir=model_args.cache_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_args.model_name_or_path, num_labels=num_labels, cache_dir=model_args.cache_dir,
+        problem_type="regression" if is_regression else "single_label_classification",
+    )
+    if label_list is not None:
+        model.config.label2id = {str(v): i for i, v in enumerate(label_list)}
+        model.config.id2label = {i: str(v) for i, v in enumerate(label_list)}
+    datasets = glue.preprocess(raw, tokenizer, data_args, label_list)
+
+    trainer_kwargs = dict(
+        model=model, args=training_args, train_dataset=datasets["train"], eval_dataset=datasets["validation"],
+        processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=glue.make_compute_metrics(data_args.metric_task, is_regression),
+    )
+    if compress:
+        apply(model, losparse_config)
+        trainer = LoSparseTrainer(**trainer_kwargs)
+    else:
+        trainer = Trainer(**trainer_kwargs)
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+
+    def evaluate() -> dict:
+        metrics = trainer.evaluate()
+        if "validation_mismatched" in datasets:
+            metrics.update(trainer.evaluate(datasets["validation_mismatched"], metric_key_prefix="eval_mismatched"))
+        return metrics
+
+    return finish_run(trainer, tokenizer, evaluate, extra_results={
+        "method": losparse_config.method, "task_name": data_args.task_name,
+        "model_name_or_path": model_args.model_name_or_path,
+        "losparse_config": losparse_config.to_dict(), **{f"train_{k}" if not k.startswith("train") else k: v
+                                                        for k, v in train_result.metrics.items()},
+    })
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,69 @@
+"""Tiny, local, random models and data for fast tests: nothing here touches the network."""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+
+import pytest
+import torch
+
+WORDS = ("good great fine nice happy love best fun bad awful poor sad hate worst dull boring movie film plot "
+         "actor scene story the a is was very not quite").split()
+
+
+def write_vocab(path: str) -> str:
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(WORDS)
+    with open(path, "w") as f:
+        f.write("\n".join(tokens) + "\n")
+    return path
+
+
+def tiny_bert_config(**overrides):
+    from transformers import BertConfig
+
+    values = dict(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    values.update(overrides)
+    return BertConfig(**values)
+
+
+def make_tiny_bert_dir(directory: str, seed: int = 0) -> str:
+    """A local model directory (config, weights, WordPiece tokenizer) like a hub checkpoint."""
+    from transformers import BertForSequenceClassification, BertTokenizerFast
+
+    os.makedirs(directory, exist_ok=True)
+    torch.manual_seed(seed)
+    BertForSequenceClassification(tiny_bert_config()).save_pretrained(directory)
+    vocab = write_vocab(os.path.join(directory, "vocab.txt"))
+    BertTokenizerFast(vocab_file=vocab, do_lower_case=True).save_pretrained(directory)
+    return directory
+
+
+def write_sentiment_csv(path: str, n: int, seed: int = 0) -> str:
+    """Learnable toy sentiment: label 1 iff the sentence holds more positive than negative words."""
+    rng = random.Random(seed)
+    positive, negative, filler = WORDS[:8], WORDS[8:16], WORDS[16:]
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["sentence", "label"])
+        for _ in range(n):
+            label = rng.random() < 0.5
+            main = positive if label else negative
+            words = rng.sample(main, 3) + rng.sample(filler, 3)
+            rng.shuffle(words)
+            writer.writerow([" ".join(words), int(label)])
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> str:
+    return make_tiny_bert_dir(str(tmp_path_factory.mktemp("tiny-bert")))
+
+
+@pytest.fixture(scope="session")
+def sentiment_files(tmp_path_factory) -> tuple[str, str]:
+    directory = tmp_path_factory.mktemp("sentiment")
+    return (write_sentiment_csv(str(directory / "train.csv"), 96, seed=1),
+            write_sentiment_csv(str(directory / "validation.csv"), 32, seed=2))
