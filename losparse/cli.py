@@ -101,8 +101,9 @@ def resolve_yaml_config(path: str, task_name: Optional[str], remaining_ratio: Op
         raise LoSparseUsageError(f"--config {path!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(table, dict):
         raise LoSparseUsageError(f"--config {path!r} must hold a mapping of argument names to values")
-    values: dict[str, Any] = {k: v for k, v in table.items() if k != "tasks"}
-    sections = [("top level", values)]
+    top_level = {k: v for k, v in table.items() if k != "tasks"}
+    values: dict[str, Any] = dict(top_level)
+    sections = [("top level", top_level)]
     tasks = table.get("tasks") or {}
     task_section: dict[str, Any] = {}
     if tasks:
@@ -221,11 +222,11 @@ def setup_logging(training_args: Any) -> None:
 
     import transformers
 
-    level = training_args.get_process_log_level()
+    level = logging.INFO if training_args.should_log else logging.WARNING
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stdout)], level=level)
     logging.getLogger("losparse").setLevel(level)
-    transformers.utils.logging.set_verbosity(level)
+    transformers.utils.logging.set_verbosity(max(level, training_args.get_process_log_level()))
 
 
 def finish_run(trainer: Any, tokenizer: Any, evaluate: Callable[[], dict[str, float]],

@@ -37,7 +37,9 @@ def make_tiny_bert_dir(directory: str, seed: int = 0) -> str:
     torch.manual_seed(seed)
     BertForSequenceClassification(tiny_bert_config()).save_pretrained(directory)
     vocab = write_vocab(os.path.join(directory, "vocab.txt"))
-    BertTokenizerFast(vocab_file=vocab, do_lower_case=True).save_pretrained(directory)
+    with open(vocab) as f:
+        token_ids = {token: i for i, token in enumerate(f.read().split())}
+    BertTokenizerFast(vocab=token_ids, do_lower_case=True).save_pretrained(directory)
     return directory
 
 

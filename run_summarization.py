@@ -1,0 +1,137 @@
+#!/usr/bin/env python
+"""Compress a seq2seq model (BART, T5) for summarization with LoSparse, then save it compact.
+
+    python run_summarization.py --config configs/summarization/bart-large-xsum.yaml --task_name xsum \
+        --remaining_ratio 0.3 --output_dir out/xsum-30
+    python run_summarization.py --model_name_or_path facebook/bart-large --train_file train.jsonl \
+        --validation_file val.jsonl --remaining_ratio 0.5 --low_rank_ratio 0.4 --num_beams 8 --output_dir out/mine
+    python run_summarization.py --dataset_name cnn_dailymail --lead3 --output_dir out/lead3-cnn
+
+`--config` fills every argument from a YAML table; explicit flags win. Run `--help` for all flags.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from transformers import (AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq, Seq2SeqTrainer,
+                          Seq2SeqTrainingArguments, set_seed)
+
+from losparse import LoSparseConfig, LoSparseSeq2SeqTrainer, LoSparseUsageError, apply
+from losparse.cli import (ModelArguments, RunArguments, check_output_dir, check_targets_before_loading, finish_run,
+                          parse_arguments, run_main, setup_logging, write_json)
+from losparse.tasks import summarization
+
+logger = logging.getLogger("losparse")
+PREDICTIONS_FILE = "generated_predictions.txt"
+
+
+@dataclass
+class SummarizationModelArguments(ModelArguments):
+    """`ModelArguments` where the model is optional: the Lead-3 baseline needs none."""
+
+    model_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "Hub model id or local directory with config + weights (not needed with --lead3)."}
+    )
+
+
+@dataclass
+class SummarizationTrainingArguments(Seq2SeqTrainingArguments):
+    """`Seq2SeqTrainingArguments` that generate when evaluating by default: ROUGE needs generated text."""
+
+    predict_with_generate: bool = field(
+        default=True,
+        metadata={"help": "Generate summaries (and report ROUGE) in evaluations during training; false reports the "
+                          "loss only there. The final evaluation always generates."},
+    )
+
+
+def run_lead3(data_args: summarization.SummarizationDataArguments, model_args: ModelArguments,
+              output_dir: str) -> dict:
+    """Score the first three sentences of each validation article; write all_results.json."""
+    raw = summarization.load_raw_datasets(data_args, cache_dir=model_args.cache_dir)
+    validation = raw["validation"]
+    scores = summarization.lead3_scores(validation, data_args.text_column, data_args.summary_column)
+    results = {"method": "lead3", "task_name": data_args.task_name, "dataset_name": data_args.dataset_name,
+               "eval_samples": len(validation), **{f"eval_{k}": v for k, v in scores.items()}}
+    os.makedirs(output_dir, exist_ok=True)
+    write_json(os.path.join(output_dir, "all_results.json"), results)
+    logger.info("Lead-3 on %d articles: %s", len(validation),
+                ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+    return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    model_args, data_args, losparse_config, run_args, training_args = parse_arguments(
+        (SummarizationModelArguments, summarization.SummarizationDataArguments, LoSparseConfig, RunArguments,
+         SummarizationTrainingArguments), argv, description=__doc__.split("\n\n")[0],
+    )
+    check_output_dir(training_args.output_dir, run_args.overwrite_output_dir, training_args.resume_from_checkpoint)
+    setup_logging(training_args)
+    if data_args.lead3:
+        return run_lead3(data_args, model_args, training_args.output_dir)
+    if model_args.model_name_or_path is None:
+        raise LoSparseUsageError("--model_name_or_path is required (only --lead3 runs without a model)")
+    compress = losparse_config.method != "finetune"
+    if compress:
+        check_targets_before_loading(model_args.model_name_or_path, AutoModelForSeq2SeqLM, losparse_config,
+                                     cache_dir=model_args.cache_dir)
+    set_seed(training_args.seed)
+
+    raw = summarization.load_raw_datasets(data_args, cache_dir=model_args.cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path,
+                                              cache_dir=model_args.cache_dir)
+    model = AutoModelForSeq2SeqLM.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
+    if model.config.model_type == "t5" and not data_args.source_prefix:
+        logger.warning("T5 was trained with task prefixes: consider --source_prefix 'summarize: '")
+    datasets = summarization.preprocess(raw, tokenizer, data_args)
+
+    if training_args.generation_max_length is None:
+        training_args.generation_max_length = data_args.val_max_target_length
+    if data_args.num_beams is not None:
+        training_args.generation_num_beams = data_args.num_beams
+    compute_metrics = summarization.make_compute_metrics(tokenizer)
+    trainer_kwargs = dict(
+        model=model, args=training_args, train_dataset=datasets["train"], eval_dataset=datasets["validation"],
+        processing_class=tokenizer, data_collator=DataCollatorForSeq2Seq(tokenizer, model=model),
+        compute_metrics=compute_metrics if training_args.predict_with_generate else None,
+    )
+    if compress:
+        apply(model, losparse_config)
+        trainer = LoSparseSeq2SeqTrainer(**trainer_kwargs)
+    else:
+        trainer = Seq2SeqTrainer(**trainer_kwargs)
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+
+    max_length, num_beams = training_args.generation_max_length, training_args.generation_num_beams
+
+    def evaluate() -> dict:
+        # One generation pass gives both the ROUGE metrics and the texts written to PREDICTIONS_FILE.
+        trainer.args.predict_with_generate = True
+        trainer.compute_metrics = compute_metrics
+        output = trainer.predict(datasets["validation"], metric_key_prefix="eval", max_length=max_length,
+                                 num_beams=num_beams)
+        trainer.log(output.metrics)
+        if trainer.is_world_process_zero():
+            os.makedirs(training_args.output_dir, exist_ok=True)
+            summarization.write_predictions(os.path.join(training_args.output_dir, PREDICTIONS_FILE),
+                                            summarization.decode_ids(tokenizer, output.predictions))
+        return output.metrics
+
+    results = finish_run(trainer, tokenizer, evaluate, extra_results={
+        "method": losparse_config.method, "task_name": data_args.task_name, "dataset_name": data_args.dataset_name,
+        "model_name_or_path": model_args.model_name_or_path, "generation_max_length": max_length,
+        "generation_num_beams": num_beams, "losparse_config": losparse_config.to_dict(),
+        **{f"train_{k}" if not k.startswith("train") else k: v for k, v in train_result.metrics.items()},
+    })
+    generation_config = os.path.join(training_args.output_dir, "generation_config.json")
+    if trainer.is_world_process_zero() and not os.path.isfile(generation_config):
+        trainer.model.generation_config.save_pretrained(training_args.output_dir)
+    return results
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,139 @@
+import os
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import TrainingArguments
+
+import losparse
+from losparse import LoSparseConfig, LoSparseTrainer, LoSparseUsageError
+from losparse.trainer import check_training_backend
+
+
+class ToyDataset(torch.utils.data.Dataset):
+    def __init__(self, n=64, length=8, seed=0):
+        generator = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(5, 30, (n, length), generator=generator)
+        self.labels = (self.ids[:, 0] > 17).long()
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.labels[i]}
+
+
+def _model(seed=0):
+    from conftest import tiny_bert_config
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(tiny_bert_config())
+
+
+def _args(output_dir, **overrides):
+    values = dict(output_dir=str(output_dir), per_device_train_batch_size=8, num_train_epochs=2, learning_rate=1e-3,
+                  weight_decay=0.1, report_to="none", save_strategy="no", logging_steps=1000, seed=0,
+                  disable_tqdm=True, use_cpu=True, dataloader_num_workers=0)
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+CONFIG = dict(remaining_ratio=0.3, low_rank_ratio=0.1, pruning_warmup_steps=2, pruning_final_steps=3,
+              pruning_interval=2)
+
+
+def test_pruner_runs_once_per_optimizer_step_with_accumulation(tmp_path):
+    trainer = LoSparseTrainer(model=_model(), args=_args(tmp_path, gradient_accumulation_steps=2),
+                              train_dataset=ToyDataset(), losparse_config=LoSparseConfig(**CONFIG))
+    calls = []
+    original = losparse.LoSparsePruner.step
+
+    def spy(self, step):
+        calls.append(step)
+        original(self, step)
+
+    losparse.LoSparsePruner.step = spy
+    try:
+        trainer.train()
+    finally:
+        losparse.LoSparsePruner.step = original
+    # 64 examples / batch 8 = 8 micro-batches per epoch, accumulation 2 -> 4 optimizer steps, 2 epochs.
+    assert calls == list(range(1, 9))
+    assert trainer.state.global_step == 8
+
+
+def test_training_ends_at_the_target_ratio_and_pruned_rows_stay_zero(tmp_path):
+    trainer = LoSparseTrainer(model=_model(), args=_args(tmp_path), train_dataset=ToyDataset(),
+                              losparse_config=LoSparseConfig(**CONFIG))
+    trainer.train()
+    pruner = trainer.pruner
+    assert pruner.kept_fraction == pytest.approx(pruner.final_kept_fraction)
+    biggest_neuron = 64 / pruner.total_sparse_params
+    assert pruner.achieved_kept_fraction() == pytest.approx(pruner.final_kept_fraction, abs=biggest_neuron)
+    for layer in pruner.layers:
+        # weight decay and Adam momentum act on every step; the re-applied mask keeps pruned rows at zero.
+        assert torch.count_nonzero(layer.sparse[~layer.sparse_mask]) == 0
+    report = losparse.parameter_report(trainer.model)
+    assert report["remaining_ratio"] == pytest.approx(0.3, abs=0.01)
+
+
+def test_low_rank_factors_keep_training(tmp_path):
+    model = _model()
+    losparse.apply(model, LoSparseConfig(**CONFIG))
+    layer = model.bert.encoder.layer[0].attention.self.query
+    u_before = layer.low_rank_u.detach().clone()
+    LoSparseTrainer(model=model, args=_args(tmp_path), train_dataset=ToyDataset()).train()
+    assert not torch.equal(layer.low_rank_u, u_before)
+
+
+def _final_state(trainer):
+    return {name: tensor.detach().clone() for name, tensor in trainer.model.state_dict().items()}
+
+
+def test_resume_continues_the_same_pruning_trajectory(tmp_path):
+    config = LoSparseConfig(**CONFIG)
+    straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
+    straight = LoSparseTrainer(model=_model(), args=_args(straight_dir, save_strategy="steps", save_steps=4),
+                               train_dataset=ToyDataset(), losparse_config=config)
+    straight.train()
+    expected = _final_state(straight)
+    checkpoint = straight_dir / "checkpoint-4"
+    assert (checkpoint / losparse.pruner.PRUNER_STATE_FILE).is_file()
+    shutil.copytree(checkpoint, resumed_dir / "checkpoint-4")
+    before = sorted(os.listdir(resumed_dir / "checkpoint-4"))
+
+    resumed = LoSparseTrainer(model=_model(seed=123), args=_args(resumed_dir), train_dataset=ToyDataset(),
+                              losparse_config=config)
+    resumed.train(resume_from_checkpoint=str(resumed_dir / "checkpoint-4"))
+    assert resumed.pruner.importance.num_updates == straight.pruner.importance.num_updates
+    torch.testing.assert_close(resumed.pruner.importance.scores(), straight.pruner.importance.scores())
+    actual = _final_state(resumed)
+    for name, tensor in expected.items():
+        if name.endswith("sparse_mask"):
+            assert torch.equal(actual[name], tensor), name
+        else:
+            torch.testing.assert_close(actual[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
+    assert sorted(os.listdir(resumed_dir / "checkpoint-4")) == before, "the resumed checkpoint was modified"
+
+
+def test_resume_from_a_checkpoint_without_pruner_state_is_refused(tmp_path):
+    plain = tmp_path / "checkpoint-1"
+    plain.mkdir()
+    trainer = LoSparseTrainer(model=_model(), args=_args(tmp_path), train_dataset=ToyDataset(),
+                              losparse_config=LoSparseConfig(**CONFIG))
+    with pytest.raises((LoSparseUsageError, ValueError, OSError)):
+        trainer.train(resume_from_checkpoint=str(plain))
+
+
+def test_deepspeed_and_fsdp_are_refused_up_front():
+    with pytest.raises(LoSparseUsageError, match="--deepspeed is not supported"):
+        check_training_backend(SimpleNamespace(deepspeed="ds.json", fsdp=None))
+    with pytest.raises(LoSparseUsageError, match="--fsdp is not supported"):
+        check_training_backend(SimpleNamespace(deepspeed=None, fsdp=["full_shard"]))
+
+
+def test_trainer_needs_a_decomposed_model_or_a_config(tmp_path):
+    with pytest.raises(LoSparseUsageError, match="has no LoSparse layers"):
+        LoSparseTrainer(model=_model(), args=_args(tmp_path), train_dataset=ToyDataset())
