@@ -161,7 +161,9 @@ def parse_arguments(dataclass_types: Sequence[type], argv: Optional[Sequence[str
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
-    pre.add_argument("--task_name")
+    task_defaults = [f.default for t in dataclass_types for f in dataclasses.fields(t)
+                     if f.name == "task_name" and isinstance(f.default, str)]
+    pre.add_argument("--task_name", default=task_defaults[0] if task_defaults else None)
     pre.add_argument("--remaining_ratio", type=float)
     known, _ = pre.parse_known_args(argv)
     yaml_flags: list[str] = []
