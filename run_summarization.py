@@ -34,7 +34,8 @@ class SummarizationModelArguments(ModelArguments):
     """`ModelArguments` where the model is optional: the Lead-3 baseline needs none."""
 
     model_name_or_path: Optional[str] = field(
-        default=None, metadata={"help": "Hub model id or local directory with config + weights (not needed with --lead3)."}
+        default=None,
+        metadata={"help": "Hub model id or local directory with config + weights (not needed with --lead3)."},
     )
 
 
@@ -87,7 +88,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     model = AutoModelForSeq2SeqLM.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
     if model.config.model_type == "t5" and not data_args.source_prefix:
         logger.warning("T5 was trained with task prefixes: consider --source_prefix 'summarize: '")
-    datasets = summarization.preprocess(raw, tokenizer, data_args)
+    tokenized = summarization.preprocess(raw, tokenizer, data_args)
 
     if training_args.generation_max_length is None:
         training_args.generation_max_length = data_args.val_max_target_length
@@ -95,7 +96,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         training_args.generation_num_beams = data_args.num_beams
     compute_metrics = summarization.make_compute_metrics(tokenizer)
     trainer_kwargs = dict(
-        model=model, args=training_args, train_dataset=datasets["train"], eval_dataset=datasets["validation"],
+        model=model, args=training_args, train_dataset=tokenized["train"], eval_dataset=tokenized["validation"],
         processing_class=tokenizer, data_collator=DataCollatorForSeq2Seq(tokenizer, model=model),
         compute_metrics=compute_metrics if training_args.predict_with_generate else None,
     )
@@ -112,7 +113,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         # One generation pass gives both the ROUGE metrics and the texts written to PREDICTIONS_FILE.
         trainer.args.predict_with_generate = True
         trainer.compute_metrics = compute_metrics
-        output = trainer.predict(datasets["validation"], metric_key_prefix="eval", max_length=max_length,
+        output = trainer.predict(tokenized["validation"], metric_key_prefix="eval", max_length=max_length,
                                  num_beams=num_beams)
         trainer.log(output.metrics)
         if trainer.is_world_process_zero():
@@ -127,9 +128,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "generation_num_beams": num_beams, "losparse_config": losparse_config.to_dict(),
         **{f"train_{k}" if not k.startswith("train") else k: v for k, v in train_result.metrics.items()},
     })
-    generation_config = os.path.join(training_args.output_dir, "generation_config.json")
-    if trainer.is_world_process_zero() and not os.path.isfile(generation_config):
-        trainer.model.generation_config.save_pretrained(training_args.output_dir)
     return results
 
 

@@ -229,6 +229,10 @@ def setup_logging(training_args: Any) -> None:
                         handlers=[logging.StreamHandler(sys.stdout)], level=level)
     logging.getLogger("losparse").setLevel(level)
     transformers.utils.logging.set_verbosity(max(level, training_args.get_process_log_level()))
+    if training_args.disable_tqdm:
+        import datasets
+
+        datasets.disable_progress_bars()
 
 
 def finish_run(trainer: Any, tokenizer: Any, evaluate: Callable[[], dict[str, float]],

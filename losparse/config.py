@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .errors import LoSparseUsageError
-
-METHODS = ("losparse", "finetune")
+from .methods import METHOD_SPECS, METHODS
 PRUNE_DIMS = ("rows", "columns")
 IMPORTANCE_METRICS = ("sensitivity", "magnitude")
 
@@ -29,7 +28,7 @@ class LoSparseConfig:
 
     method: str = field(
         default="losparse",
-        metadata={"help": f"Compression method. One of: {', '.join(METHODS)}."},
+        metadata={"help": "Compression method: " + "; ".join(f"{s.name}: {s.description}" for s in METHOD_SPECS.values())},
     )
     remaining_ratio: float = field(
         default=0.2,
@@ -108,7 +107,7 @@ class LoSparseConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or math.isnan(value) or not 0.0 < value <= 1.0:
                 raise LoSparseUsageError(f"--{name} {value!r} is out of range; it must be in (0, 1]")
-        if self.low_rank_ratio >= self.remaining_ratio:
+        if self.method_spec.uses_low_rank_ratio and self.low_rank_ratio >= self.remaining_ratio:
             raise LoSparseUsageError(
                 f"--low_rank_ratio {self.low_rank_ratio} must be below --remaining_ratio {self.remaining_ratio} "
                 "(the sparse part gets the difference)"
@@ -138,6 +137,11 @@ class LoSparseConfig:
                 raise LoSparseUsageError(f"--{name} {value!r} must be >= 0")
         if self.pruning_interval < 1:
             raise LoSparseUsageError(f"--pruning_interval {self.pruning_interval!r} must be >= 1")
+
+    @property
+    def method_spec(self):
+        """What the method decomposes and prunes (see `losparse.methods`)."""
+        return METHOD_SPECS[self.method]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

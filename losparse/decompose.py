@@ -9,9 +9,14 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+import logging
+
 from .config import LoSparseConfig
 from .errors import LoSparseUsageError
 from .layers import CompactLoSparseLinear, LoSparseLinear
+from .methods import rank_ratio
+
+logger = logging.getLogger(__name__)
 
 _BERT_LIKE = [
     r"(.*\.)?encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
@@ -52,11 +57,32 @@ def rank_for_ratio(out_features: int, in_features: int, low_rank_ratio: float) -
     return max(1, min(rank, out_features, in_features))
 
 
+def allocate_ranks(shapes: list[tuple[int, int]], share: float) -> list[int]:
+    """Ranks that spend at most `share` of the matrices' parameters on U·V, as close to it as possible.
+
+    For methods whose whole budget is the low-rank part, rounding every rank up (the paper's rule for
+    r) would overshoot the ratio. Here each rank is rounded down, then the leftover budget buys one
+    more rank for the layers with the largest rounding loss while it still fits.
+    shapes: (out_features, in_features) per layer.
+    """
+    ideal = [share * o * i / (o + i) for o, i in shapes]
+    ranks = [max(0, min(math.floor(x), o, i)) for x, (o, i) in zip(ideal, shapes)]
+    leftover = share * sum(o * i for o, i in shapes) - sum(k * (o + i) for k, (o, i) in zip(ranks, shapes))
+    for index in sorted(range(len(shapes)), key=lambda j: ideal[j] - ranks[j], reverse=True):
+        out_features, in_features = shapes[index]
+        cost = out_features + in_features
+        if cost <= leftover + 1e-9 and ranks[index] < min(out_features, in_features):
+            ranks[index] += 1
+            leftover -= cost
+    return ranks
+
+
 @torch.no_grad()
 def svd_split(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-`rank` SVD factors with √σ on both sides: U (out, k) = u·√σ, V (k, in) = √σ·vᵀ (eqs. 6–7).
 
     Computed in float32 (float64 stays float64) whatever the weight's dtype, returned in that dtype.
+    (The remainder S = W − U·V of `decompose_linear` is formed in the same precision.)
     """
     work_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     left, sigma, right_t = torch.linalg.svd(weight.to(work_dtype), full_matrices=False)
@@ -129,28 +155,40 @@ def set_submodule(model: nn.Module, name: str, new_module: nn.Module) -> None:
 
 
 @torch.no_grad()
-def decompose_linear(linear: nn.Linear, low_rank_ratio: float, prune_dim: str = "rows") -> LoSparseLinear:
-    """Replace-ready `LoSparseLinear` with U·V + S == linear.weight (to float rounding)."""
+def decompose_linear(linear: nn.Linear, low_rank_ratio: Optional[float], prune_dim: str = "rows",
+                     has_sparse: bool = True, rank: Optional[int] = None) -> LoSparseLinear:
+    """Replace-ready `LoSparseLinear` with U·V + S == linear.weight (to float rounding).
+
+    The rank is `rank` if given, else k = ceil(r·out·in/(out+in)) for r = `low_rank_ratio`, else 0:
+    no low-rank part (S = W, for pruning baselines). `has_sparse=False` keeps only U·V (the SVD
+    truncation, for low-rank baselines).
+    """
     weight = linear.weight
     out_features, in_features = weight.shape
-    rank = rank_for_ratio(out_features, in_features, low_rank_ratio)
+    if rank is None:
+        rank = rank_for_ratio(out_features, in_features, low_rank_ratio) if low_rank_ratio is not None else 0
     layer = LoSparseLinear(
         in_features,
         out_features,
         rank,
         bias=linear.bias is not None,
+        has_sparse=has_sparse,
         prune_dim=prune_dim,
         device=weight.device,
         dtype=weight.dtype,
     )
-    u, v = svd_split(weight, rank)
-    layer.low_rank_u.copy_(u)
-    layer.low_rank_v.copy_(v)
     work_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    layer.sparse.copy_(weight.to(work_dtype) - u.to(work_dtype) @ v.to(work_dtype))
+    remainder = weight.to(work_dtype)
+    if rank:
+        u, v = svd_split(weight, rank)
+        layer.low_rank_u.copy_(u)
+        layer.low_rank_v.copy_(v)
+        remainder = remainder - u.to(work_dtype) @ v.to(work_dtype)
+    if has_sparse:
+        layer.sparse.copy_(remainder)
+        layer.sparse.requires_grad_(linear.weight.requires_grad)
     if linear.bias is not None:
         layer.bias.copy_(linear.bias)
-    layer.sparse.requires_grad_(linear.weight.requires_grad)
     return layer
 
 
@@ -174,7 +212,19 @@ def apply(model: nn.Module, config: LoSparseConfig) -> nn.Module:
     """
     if losparse_layers(model):
         raise LoSparseUsageError("this model already has LoSparse layers; apply() runs once per model")
-    for name, linear in require_targets(model, config):
-        set_submodule(model, name, decompose_linear(linear, config.low_rank_ratio, config.prune_dim))
+    spec = config.method_spec
+    if not spec.decomposes:
+        raise LoSparseUsageError(f"method {config.method!r} does not decompose the model; apply() is not needed")
+    if not spec.uses_low_rank_ratio:
+        logger.warning("method %s puts %s into U·V: --low_rank_ratio %s is ignored", config.method,
+                       "nothing" if spec.rank_from is None else "the whole --remaining_ratio", config.low_rank_ratio)
+    share = rank_ratio(spec, config.remaining_ratio, config.low_rank_ratio)
+    targets = require_targets(model, config)
+    ranks: list[Optional[int]] = [None] * len(targets)
+    if spec.rank_from == "remaining_ratio":
+        ranks = allocate_ranks([tuple(linear.weight.shape) for _, linear in targets], share)
+    for (name, linear), rank in zip(targets, ranks):
+        set_submodule(model, name, decompose_linear(linear, share, config.prune_dim, has_sparse=spec.has_sparse,
+                                                    rank=rank))
     model.losparse_config = config
     return model

@@ -4,6 +4,7 @@ A compact checkpoint directory holds:
   config.json                  the transformers model config (architectures names the class)
   losparse_config.json         the LoSparseConfig plus the shape of every compact layer
   losparse_model.safetensors   the weights (safetensors only)
+  generation_config.json       for generative models, their generation settings (beams, lengths, ...)
 The weights file is deliberately not named model.safetensors: a plain `from_pretrained` on the
 directory then fails loudly ("no file named model.safetensors") instead of silently building a
 randomly initialised dense model. `losparse.load` rebuilds the exact compact model, offline.
@@ -143,6 +144,8 @@ def save(model: nn.Module, path: str, tokenizer: Any = None) -> str:
     os.makedirs(path, exist_ok=True)
     model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(path)
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(path)
     first_param = next(model.parameters())
     layers = {
         name: {
@@ -190,6 +193,8 @@ def load(path: str, device: Optional[Union[str, torch.device]] = None) -> nn.Mod
         raise LoSparseUsageError(f"{path}: model class {meta['model_class']!r} is not in this transformers version")
     model_config = transformers.AutoConfig.from_pretrained(path)
     model = model_class(model_config)
+    if os.path.isfile(os.path.join(path, "generation_config.json")):
+        model.generation_config = transformers.GenerationConfig.from_pretrained(path)
     dtype = getattr(torch, meta["dtype"])
     for name, shape in meta["layers"].items():
         set_submodule(model, name, CompactLoSparseLinear(**shape))

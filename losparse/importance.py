@@ -2,6 +2,8 @@
 
 Entry score I(s) = |s · ∂L/∂s| (sensitivity) or |s| (magnitude); its exponential moving average
 Ī = β·Ī + (1 − β)·I (eq. 3); neuron score Γ = mean of Ī over the neuron (eq. 4).
+The movement-pruning baseline (Sanh et al., 2020) instead accumulates −s·∂L/∂s over all steps
+(no absolute value, no decay): weights moving away from zero gain importance.
 
 Because the mean over a neuron is linear, mean(EMA(I)) == EMA(mean(I)): without PLATON's
 uncertainty term we keep only one float per neuron instead of one per entry of S. That makes the
@@ -27,8 +29,8 @@ class NeuronImportance:
 
     def __init__(self, layers: Sequence[LoSparseLinear], metric: str = "sensitivity", beta1: float = 0.85,
                  beta2: float = 0.0) -> None:
-        if metric not in ("sensitivity", "magnitude"):
-            raise ValueError(f"importance metric {metric!r} is not one of: sensitivity, magnitude")
+        if metric not in ("sensitivity", "magnitude", "movement"):
+            raise ValueError(f"importance metric {metric!r} is not one of: sensitivity, magnitude, movement")
         self.layers = list(layers)
         self.metric = metric
         self.beta1 = beta1
@@ -58,7 +60,10 @@ class NeuronImportance:
                 "backward() and before the gradients are zeroed (DeepSpeed/FSDP free them earlier)"
             )
         scores = torch._foreach_mul(sparse, grads)
-        torch._foreach_abs_(scores)
+        if self.metric == "movement":
+            torch._foreach_neg_(scores)
+        else:
+            torch._foreach_abs_(scores)
         return [s.float() for s in scores]
 
     def _neuron_means(self, entry_scores: list[torch.Tensor]) -> torch.Tensor:
@@ -72,6 +77,9 @@ class NeuronImportance:
         entry_scores = self._entry_scores()
         if self.metric == "magnitude":
             self.neuron_ema.copy_(self._neuron_means(entry_scores))
+        elif self.metric == "movement":
+            current = self._neuron_means(entry_scores)
+            self.neuron_ema.add_(torch.where(torch.isfinite(current).all(), current, torch.zeros_like(current)))
         elif not self.uses_uncertainty:
             current = self._neuron_means(entry_scores)
             finite = torch.isfinite(current).all()

@@ -24,17 +24,18 @@ from .decompose import get_config
 from .errors import LoSparseUsageError
 from .importance import NeuronImportance
 from .layers import LoSparseLinear
+from .methods import final_kept_fraction
 from .schedule import CubicSchedule, resolve_steps
 
 PRUNER_STATE_FILE = "losparse_pruner.safetensors"
 PRUNER_META_FILE = "losparse_pruner.json"
 
 
-def target_budget(layers: list[LoSparseLinear], remaining_ratio: float) -> dict[str, float]:
+def target_budget(layers: list[LoSparseLinear], config: LoSparseConfig) -> dict[str, float]:
     """Split the remaining-parameter budget between the low-rank part and S.
 
     Returns the dense parameter count of the targeted matrices, the achieved low-rank share (ranks
-    round up, so it is a bit above r) and the kept fraction p_T of S that makes
+    round up, so it is a bit above r) and the kept fraction p_T of S; for LoSparse,
     low-rank share + p_T == remaining_ratio.
     """
     dense = sum(layer.in_features * layer.out_features for layer in layers)
@@ -43,7 +44,7 @@ def target_budget(layers: list[LoSparseLinear], remaining_ratio: float) -> dict[
     return {
         "dense_params": dense,
         "low_rank_share": low_rank_share,
-        "final_kept_fraction": remaining_ratio - low_rank_share,
+        "final_kept_fraction": final_kept_fraction(config.method_spec, config.remaining_ratio, low_rank_share),
     }
 
 
@@ -53,9 +54,10 @@ class LoSparsePruner:
     def __init__(self, model: nn.Module, total_steps: int, config: Optional[LoSparseConfig] = None) -> None:
         self.config = config or get_config(model)
         self.layers = [m for m in model.modules() if isinstance(m, LoSparseLinear) and m.sparse is not None]
-        budget = target_budget(self.layers, self.config.remaining_ratio)
+        all_layers = [m for m in model.modules() if isinstance(m, LoSparseLinear)]
+        budget = target_budget(all_layers, self.config)
         self.final_kept_fraction = budget["final_kept_fraction"]
-        if self.final_kept_fraction <= 0.0:
+        if self.final_kept_fraction <= 0.0 and not self.config.method_spec.prunes_to_zero and self.layers:
             raise LoSparseUsageError(
                 f"--low_rank_ratio {self.config.low_rank_ratio} leaves nothing for the sparse part: with ranks rounded "
                 f"up the low-rank share is {budget['low_rank_share']:.4f} >= --remaining_ratio "
@@ -68,7 +70,8 @@ class LoSparsePruner:
             final_fraction=self.final_kept_fraction,
             interval=self.config.pruning_interval,
         )
-        self.importance = NeuronImportance(self.layers, self.config.importance, self.config.beta1, self.config.beta2)
+        metric = self.config.method_spec.importance or self.config.importance
+        self.importance = NeuronImportance(self.layers, metric, self.config.beta1, self.config.beta2)
         device = self.importance.neuron_ema.device
         self.neuron_sizes = torch.cat(
             [torch.full((layer.sparse_mask.numel(),), layer.neuron_size, dtype=torch.float64, device=device)

@@ -126,3 +126,12 @@ def test_apply_twice_is_refused():
     model = apply(_bert(), LoSparseConfig())
     with pytest.raises(LoSparseUsageError, match="already has LoSparse layers"):
         apply(model, LoSparseConfig())
+
+
+def test_allocated_ranks_spend_the_budget_without_exceeding_it():
+    from losparse.decompose import allocate_ranks
+
+    shapes = [(32, 32), (64, 32), (32, 64)] * 4
+    ranks = allocate_ranks(shapes, 0.3)
+    spent = sum(k * (o + i) for k, (o, i) in zip(ranks, shapes)) / sum(o * i for o, i in shapes)
+    assert 0.3 - 96 / sum(o * i for o, i in shapes) < spent <= 0.3

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import numpy as np
 
 from ..errors import LoSparseUsageError
 from ..metrics import lead_n, rouge_scores
+
+if TYPE_CHECKING:
+    from datasets import Dataset, DatasetDict
 
 
 @dataclass(frozen=True)
@@ -153,7 +156,7 @@ def _extension(path: str) -> str:
     return path.rsplit(".", 1)[-1].lower() if "." in os.path.basename(path) else ""
 
 
-def load_raw_datasets(data_args: SummarizationDataArguments, cache_dir: Optional[str] = None):
+def load_raw_datasets(data_args: SummarizationDataArguments, cache_dir: Optional[str] = None) -> "DatasetDict":
     """A DatasetDict with "validation" (and "train" unless a local --lead3 run has no training file).
 
     Both splits are already cut to --max_train_samples / --max_eval_samples, so the Lead-3
@@ -189,7 +192,7 @@ def load_raw_datasets(data_args: SummarizationDataArguments, cache_dir: Optional
     return raw
 
 
-def preprocess(raw, tokenizer: Any, data_args: SummarizationDataArguments):
+def preprocess(raw: "DatasetDict", tokenizer: Any, data_args: SummarizationDataArguments) -> "DatasetDict":
     """Tokenize every split: `input_ids`/`attention_mask` from the (prefixed) articles, `labels` from the summaries.
 
     Sources are cut at --max_source_length tokens, training labels at --max_target_length and
@@ -250,7 +253,7 @@ def make_compute_metrics(tokenizer: Any) -> Callable[[Any], dict[str, float]]:
     return compute_metrics
 
 
-def lead3_scores(dataset: Any, text_column: str, summary_column: str) -> dict[str, float]:
+def lead3_scores(dataset: "Dataset", text_column: str, summary_column: str) -> dict[str, float]:
     """ROUGE (percent) of the Lead-3 baseline: each article's first three sentences as its summary.
 
     Sentences come from `losparse.metrics.split_sentences` (via `lead_n`), and scoring is the
