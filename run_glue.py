@@ -15,11 +15,10 @@ import logging
 from typing import Optional, Sequence
 
 from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                          TrainingArguments, set_seed)
+                          TrainingArguments)
 
-from losparse import LoSparseConfig, LoSparseTrainer, apply
-from losparse.cli import (ModelArguments, RunArguments, check_output_dir, check_targets_before_loading, finish_run,
-                          parse_arguments, run_main, setup_logging)
+from losparse import LoSparseConfig
+from losparse.cli import ModelArguments, RunArguments, finish_run, make_trainer, parse_arguments, run_main, start_run
 from losparse.tasks import glue
 
 logger = logging.getLogger("losparse")
@@ -30,13 +29,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         (ModelArguments, glue.GlueDataArguments, LoSparseConfig, RunArguments, TrainingArguments), argv,
         description=__doc__.split("\n\n")[0],
     )
-    check_output_dir(training_args.output_dir, run_args.overwrite_output_dir, training_args.resume_from_checkpoint)
-    compress = losparse_config.method != "finetune"
-    if compress:
-        check_targets_before_loading(model_args.model_name_or_path, AutoModelForSequenceClassification,
-                                     losparse_config, cache_dir=model_args.cache_dir)
-    setup_logging(training_args)
-    set_seed(training_args.seed)
+    start_run(model_args, losparse_config, run_args, training_args, AutoModelForSequenceClassification)
 
     raw = glue.load_raw_datasets(data_args, cache_dir=model_args.cache_dir)
     is_regression, label_list = glue.label_info(raw, data_args)
@@ -52,16 +45,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         model.config.id2label = {i: str(v) for i, v in enumerate(label_list)}
     datasets = glue.preprocess(raw, tokenizer, data_args, label_list)
 
-    trainer_kwargs = dict(
-        model=model, args=training_args, train_dataset=datasets["train"], eval_dataset=datasets["validation"],
-        processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
+    trainer = make_trainer(
+        Trainer, losparse_config, model=model, args=training_args, train_dataset=datasets["train"],
+        eval_dataset=datasets["validation"], processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=glue.make_compute_metrics(data_args.metric_task, is_regression),
     )
-    if compress:
-        apply(model, losparse_config)
-        trainer = LoSparseTrainer(**trainer_kwargs)
-    else:
-        trainer = Trainer(**trainer_kwargs)
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
     def evaluate() -> dict:
@@ -70,11 +58,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             metrics.update(trainer.evaluate(datasets["validation_mismatched"], metric_key_prefix="eval_mismatched"))
         return metrics
 
-    return finish_run(trainer, tokenizer, evaluate, extra_results={
-        "method": losparse_config.method, "task_name": data_args.task_name,
-        "model_name_or_path": model_args.model_name_or_path,
-        "losparse_config": losparse_config.to_dict(), **{f"train_{k}" if not k.startswith("train") else k: v
-                                                        for k, v in train_result.metrics.items()},
+    return finish_run(trainer, tokenizer, evaluate, losparse_config, train_result.metrics, extra_results={
+        "task_name": data_args.task_name, "model_name_or_path": model_args.model_name_or_path,
     })
 
 

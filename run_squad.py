@@ -20,12 +20,10 @@ import logging
 import os
 from typing import Optional, Sequence
 
-from transformers import (AutoModelForQuestionAnswering, AutoTokenizer, TrainingArguments, default_data_collator,
-                          set_seed)
+from transformers import AutoModelForQuestionAnswering, AutoTokenizer, TrainingArguments, default_data_collator
 
-from losparse import LoSparseConfig, apply
-from losparse.cli import (ModelArguments, RunArguments, check_output_dir, check_targets_before_loading, finish_run,
-                          parse_arguments, run_main, setup_logging)
+from losparse import LoSparseConfig
+from losparse.cli import ModelArguments, RunArguments, finish_run, make_trainer, parse_arguments, run_main, start_run
 from losparse.tasks import squad
 
 logger = logging.getLogger("losparse")
@@ -36,13 +34,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         (ModelArguments, squad.SquadDataArguments, LoSparseConfig, RunArguments, TrainingArguments), argv,
         description=__doc__.split("\n\n")[0],
     )
-    check_output_dir(training_args.output_dir, run_args.overwrite_output_dir, training_args.resume_from_checkpoint)
-    compress = losparse_config.method != "finetune"
-    if compress:
-        check_targets_before_loading(model_args.model_name_or_path, AutoModelForQuestionAnswering,
-                                     losparse_config, cache_dir=model_args.cache_dir)
-    setup_logging(training_args)
-    set_seed(training_args.seed)
+    start_run(model_args, losparse_config, run_args, training_args, AutoModelForQuestionAnswering)
 
     raw = squad.load_raw_datasets(data_args, cache_dir=model_args.cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path,
@@ -51,16 +43,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                                           cache_dir=model_args.cache_dir)
     train_features, eval_features, eval_examples = squad.preprocess(raw, tokenizer, data_args)
 
-    trainer_kwargs = dict(
-        model=model, args=training_args, train_dataset=train_features, eval_dataset=eval_features,
-        eval_examples=eval_examples, n_best_size=data_args.n_best_size, max_answer_length=data_args.max_answer_length,
+    trainer = make_trainer(
+        squad.QuestionAnsweringTrainer, losparse_config, model=model, args=training_args,
+        train_dataset=train_features, eval_dataset=eval_features, eval_examples=eval_examples,
+        n_best_size=data_args.n_best_size, max_answer_length=data_args.max_answer_length,
         processing_class=tokenizer, data_collator=default_data_collator,
     )
-    if compress:
-        apply(model, losparse_config)
-        trainer = squad.LoSparseQuestionAnsweringTrainer(**trainer_kwargs)
-    else:
-        trainer = squad.QuestionAnsweringTrainer(**trainer_kwargs)
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
     def evaluate() -> dict:
@@ -71,11 +59,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 json.dump(trainer.eval_predictions, f, indent=2)
         return metrics
 
-    return finish_run(trainer, tokenizer, evaluate, extra_results={
-        "method": losparse_config.method, "task_name": data_args.task_name,
-        "model_name_or_path": model_args.model_name_or_path,
-        "losparse_config": losparse_config.to_dict(), **{f"train_{k}" if not k.startswith("train") else k: v
-                                                        for k, v in train_result.metrics.items()},
+    return finish_run(trainer, tokenizer, evaluate, losparse_config, train_result.metrics, extra_results={
+        "task_name": data_args.task_name, "model_name_or_path": model_args.model_name_or_path,
     })
 
 

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from transformers import (AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq, Seq2SeqTrainer,
-                          Seq2SeqTrainingArguments, set_seed)
+                          Seq2SeqTrainingArguments)
 
-from losparse import LoSparseConfig, LoSparseSeq2SeqTrainer, LoSparseUsageError, apply
-from losparse.cli import (ModelArguments, RunArguments, check_output_dir, check_targets_before_loading, finish_run,
-                          parse_arguments, run_main, setup_logging, write_json)
+from losparse import LoSparseConfig, LoSparseUsageError
+from losparse.cli import (ModelArguments, RunArguments, check_output_dir, finish_run, make_trainer, parse_arguments,
+                          run_main, setup_logging, start_run, write_json)
 from losparse.tasks import summarization
 
 logger = logging.getLogger("losparse")
@@ -70,17 +70,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         (SummarizationModelArguments, summarization.SummarizationDataArguments, LoSparseConfig, RunArguments,
          SummarizationTrainingArguments), argv, description=__doc__.split("\n\n")[0],
     )
-    check_output_dir(training_args.output_dir, run_args.overwrite_output_dir, training_args.resume_from_checkpoint)
-    setup_logging(training_args)
     if data_args.lead3:
+        check_output_dir(training_args.output_dir, run_args.overwrite_output_dir, None)
+        setup_logging(training_args)
         return run_lead3(data_args, model_args, training_args.output_dir)
     if model_args.model_name_or_path is None:
         raise LoSparseUsageError("--model_name_or_path is required (only --lead3 runs without a model)")
-    compress = losparse_config.method != "finetune"
-    if compress:
-        check_targets_before_loading(model_args.model_name_or_path, AutoModelForSeq2SeqLM, losparse_config,
-                                     cache_dir=model_args.cache_dir)
-    set_seed(training_args.seed)
+    start_run(model_args, losparse_config, run_args, training_args, AutoModelForSeq2SeqLM)
 
     raw = summarization.load_raw_datasets(data_args, cache_dir=model_args.cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path,
@@ -95,16 +91,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if data_args.num_beams is not None:
         training_args.generation_num_beams = data_args.num_beams
     compute_metrics = summarization.make_compute_metrics(tokenizer)
-    trainer_kwargs = dict(
-        model=model, args=training_args, train_dataset=tokenized["train"], eval_dataset=tokenized["validation"],
-        processing_class=tokenizer, data_collator=DataCollatorForSeq2Seq(tokenizer, model=model),
+    trainer = make_trainer(
+        Seq2SeqTrainer, losparse_config, model=model, args=training_args, train_dataset=tokenized["train"],
+        eval_dataset=tokenized["validation"], processing_class=tokenizer,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, model=model),
         compute_metrics=compute_metrics if training_args.predict_with_generate else None,
     )
-    if compress:
-        apply(model, losparse_config)
-        trainer = LoSparseSeq2SeqTrainer(**trainer_kwargs)
-    else:
-        trainer = Seq2SeqTrainer(**trainer_kwargs)
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
     max_length, num_beams = training_args.generation_max_length, training_args.generation_num_beams
@@ -122,13 +114,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                             summarization.decode_ids(tokenizer, output.predictions))
         return output.metrics
 
-    results = finish_run(trainer, tokenizer, evaluate, extra_results={
-        "method": losparse_config.method, "task_name": data_args.task_name, "dataset_name": data_args.dataset_name,
+    return finish_run(trainer, tokenizer, evaluate, losparse_config, train_result.metrics, extra_results={
+        "task_name": data_args.task_name, "dataset_name": data_args.dataset_name,
         "model_name_or_path": model_args.model_name_or_path, "generation_max_length": max_length,
-        "generation_num_beams": num_beams, "losparse_config": losparse_config.to_dict(),
-        **{f"train_{k}" if not k.startswith("train") else k: v for k, v in train_result.metrics.items()},
+        "generation_num_beams": num_beams,
     })
-    return results
 
 
 if __name__ == "__main__":

@@ -235,12 +235,39 @@ def setup_logging(training_args: Any) -> None:
         datasets.disable_progress_bars()
 
 
-def finish_run(trainer: Any, tokenizer: Any, evaluate: Callable[[], dict[str, float]],
-               extra_results: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+def start_run(model_args: Any, losparse_config: Any, run_args: Any, training_args: Any, auto_class: Any) -> None:
+    """Everything before data and weights are loaded: the checks that need neither, logging, seeding."""
+    from transformers import set_seed
+
+    check_output_dir(training_args.output_dir, run_args.overwrite_output_dir, training_args.resume_from_checkpoint)
+    if losparse_config.method_spec.decomposes:
+        check_targets_before_loading(model_args.model_name_or_path, auto_class, losparse_config,
+                                     cache_dir=model_args.cache_dir)
+    setup_logging(training_args)
+    set_seed(training_args.seed)
+
+
+def make_trainer(trainer_class: type, losparse_config: Any, **trainer_kwargs: Any) -> Any:
+    """`trainer_class` as is for plain fine-tuning; otherwise decompose the model and compose the
+    LoSparse mixin in front of the class, so any task trainer gains pruning without a copy of it."""
+    from .decompose import apply
+    from .trainer import LoSparseTrainerMixin
+
+    if not losparse_config.method_spec.decomposes:
+        return trainer_class(**trainer_kwargs)
+    apply(trainer_kwargs["model"], losparse_config)
+    composed = type(f"LoSparse{trainer_class.__name__}", (LoSparseTrainerMixin, trainer_class), {})
+    return composed(**trainer_kwargs)
+
+
+def finish_run(trainer: Any, tokenizer: Any, evaluate: Callable[[], dict[str, float]], losparse_config: Any,
+               train_metrics: dict[str, float], extra_results: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Compact the trained model, evaluate it, save it with its tokenizer, write all_results.json.
 
     The reported eval metrics are those of the compacted model, i.e. of exactly what is saved.
     A model without LoSparse layers (method 'finetune') is saved as a plain transformers model.
+    all_results.json holds the method and its config, `extra_results`, the training metrics
+    (prefixed train_), the eval metrics and the compression report.
     """
     import logging
 
@@ -262,7 +289,11 @@ def finish_run(trainer: Any, tokenizer: Any, evaluate: Callable[[], dict[str, fl
             report = {"remaining_ratio": 1.0, "model_params": total, "model_params_dense": total, "num_layers": 0}
             model.save_pretrained(output_dir)
             tokenizer.save_pretrained(output_dir)
-        results = {**(extra_results or {}), **metrics, "compression": report}
+        results = {
+            "method": losparse_config.method, "losparse_config": losparse_config.to_dict(), **(extra_results or {}),
+            **{k if k.startswith("train") else f"train_{k}": v for k, v in train_metrics.items()},
+            **metrics, "compression": report,
+        }
         write_json(os.path.join(output_dir, "all_results.json"), results)
         if report.get("num_layers"):
             logger.info(format_report(report))

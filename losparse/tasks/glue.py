@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import numpy as np
 
 from ..errors import LoSparseUsageError
+from .common import check_local_files, file_extension
 from ..metrics import glue_metrics
 
 #: Text columns of each GLUE task in the hub's "glue" dataset.
@@ -56,14 +56,7 @@ class GlueDataArguments:
             )
         if self.task_name is None and (self.train_file is None or self.validation_file is None):
             raise LoSparseUsageError("pass --task_name (a GLUE task) or both --train_file and --validation_file")
-        for flag in ("train_file", "validation_file"):
-            path = getattr(self, flag)
-            if path is None:
-                continue
-            if not os.path.isfile(path):
-                raise LoSparseUsageError(f"--{flag} {path!r} does not exist")
-            if path.rsplit(".", 1)[-1] not in DATA_EXTENSIONS:
-                raise LoSparseUsageError(f"--{flag} {path!r} must end in one of: .{', .'.join(DATA_EXTENSIONS)}")
+        check_local_files(self, DATA_EXTENSIONS)
         if self.text_columns is not None and not 1 <= len(self.text_columns) <= 2:
             raise LoSparseUsageError(f"--text_columns {self.text_columns} must name one or two columns")
         if self.max_seq_length < 8:
@@ -89,7 +82,7 @@ def load_raw_datasets(data_args: GlueDataArguments, cache_dir: Optional[str] = N
             raw = DatasetDict(train=raw["train"], validation=raw["validation_matched"],
                               validation_mismatched=raw["validation_mismatched"])
         return raw
-    extension = data_args.train_file.rsplit(".", 1)[-1]
+    extension = file_extension(data_args.train_file)
     builder = "json" if extension in ("json", "jsonl") else "csv"
     raw = load_dataset(builder, data_files={"train": data_args.train_file, "validation": data_args.validation_file},
                        cache_dir=cache_dir)

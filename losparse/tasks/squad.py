@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from transformers import Trainer
 from transformers.trainer_utils import speed_metrics
 
 from ..errors import LoSparseUsageError
+from .common import check_local_files
 from ..metrics import squad_metrics
 from ..trainer import LoSparseTrainerMixin
 
@@ -87,14 +87,7 @@ class SquadDataArguments:
             raise LoSparseUsageError("pass either --dataset_name or --train_file/--validation_file, not both")
         if self.dataset_name is None and not all(files):
             raise LoSparseUsageError("pass --dataset_name (e.g. squad) or both --train_file and --validation_file")
-        for flag in ("train_file", "validation_file"):
-            path = getattr(self, flag)
-            if path is None:
-                continue
-            if not os.path.isfile(path):
-                raise LoSparseUsageError(f"--{flag} {path!r} does not exist")
-            if path.rsplit(".", 1)[-1].lower() not in DATA_EXTENSIONS:
-                raise LoSparseUsageError(f"--{flag} {path!r} must end in one of: .{', .'.join(DATA_EXTENSIONS)}")
+        check_local_files(self, DATA_EXTENSIONS)
         for flag in ("max_seq_length", "max_answer_length", "n_best_size", "max_train_samples", "max_eval_samples"):
             value = getattr(self, flag)
             if value is not None and value < 1:

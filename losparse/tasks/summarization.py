@@ -13,13 +13,13 @@ by the same code.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import numpy as np
 
 from ..errors import LoSparseUsageError
+from .common import check_local_files, file_extension
 from ..metrics import lead_n, rouge_scores
 
 if TYPE_CHECKING:
@@ -138,22 +138,11 @@ class SummarizationDataArguments:
             raise LoSparseUsageError("--validation_file is required with local data (ROUGE is reported on it)")
         if self.train_file is None and not self.lead3:
             raise LoSparseUsageError("--train_file is required with local data (only --lead3 runs without it)")
-        for flag in ("train_file", "validation_file"):
-            path = getattr(self, flag)
-            if path is None:
-                continue
-            if not os.path.isfile(path):
-                raise LoSparseUsageError(f"--{flag} {path!r} does not exist")
-            if _extension(path) not in DATA_EXTENSIONS:
-                raise LoSparseUsageError(f"--{flag} {path!r} must end in one of: .{', .'.join(DATA_EXTENSIONS)}")
+        check_local_files(self, DATA_EXTENSIONS)
 
     @property
     def uses_local_files(self) -> bool:
         return self.dataset_name is None
-
-
-def _extension(path: str) -> str:
-    return path.rsplit(".", 1)[-1].lower() if "." in os.path.basename(path) else ""
 
 
 def load_raw_datasets(data_args: SummarizationDataArguments, cache_dir: Optional[str] = None) -> "DatasetDict":
@@ -171,7 +160,7 @@ def load_raw_datasets(data_args: SummarizationDataArguments, cache_dir: Optional
         for split, path in files.items():
             if path is None:
                 continue
-            builder = "csv" if _extension(path) == "csv" else "json"
+            builder = "csv" if file_extension(path) == "csv" else "json"
             raw[split] = load_dataset(builder, data_files={split: path}, cache_dir=cache_dir)[split]
         sources = files
     else:
