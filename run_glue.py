@@ -18,15 +18,18 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Dat
                           TrainingArguments)
 
 from losparse import LoSparseConfig
-from losparse.cli import ModelArguments, RunArguments, finish_run, make_trainer, parse_arguments, run_main, start_run
+from losparse.cli import (ModelArguments, RunArguments, finish_run, load_models, make_trainer, parse_arguments, run_main,
+                          start_run)
+from losparse.distill import DistillationArguments
 from losparse.tasks import glue
 
 logger = logging.getLogger("losparse")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    model_args, data_args, losparse_config, run_args, training_args = parse_arguments(
-        (ModelArguments, glue.GlueDataArguments, LoSparseConfig, RunArguments, TrainingArguments), argv,
+    model_args, data_args, losparse_config, distill_args, run_args, training_args = parse_arguments(
+        (ModelArguments, glue.GlueDataArguments, LoSparseConfig, DistillationArguments, RunArguments, TrainingArguments),
+        argv,
         description=__doc__.split("\n\n")[0],
     )
     start_run(model_args, losparse_config, run_args, training_args, AutoModelForSequenceClassification)
@@ -36,8 +39,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     num_labels = 1 if is_regression else len(label_list)
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path,
                                               cache_dir=model_args.cache_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_args.model_name_or_path, num_labels=num_labels, cache_dir=model_args.cache_dir,
+    model, teacher = load_models(
+        AutoModelForSequenceClassification, model_args, distill_args, num_labels=num_labels,
         problem_type="regression" if is_regression else "single_label_classification",
     )
     if label_list is not None:
@@ -46,7 +49,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     datasets = glue.preprocess(raw, tokenizer, data_args, label_list)
 
     trainer = make_trainer(
-        Trainer, losparse_config, model=model, args=training_args, train_dataset=datasets["train"],
+        Trainer, losparse_config, distill_args, teacher, model=model, args=training_args, train_dataset=datasets["train"],
         eval_dataset=datasets["validation"], processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=glue.make_compute_metrics(data_args.metric_task, is_regression),
     )
@@ -58,9 +61,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             metrics.update(trainer.evaluate(datasets["validation_mismatched"], metric_key_prefix="eval_mismatched"))
         return metrics
 
-    return finish_run(trainer, tokenizer, evaluate, losparse_config, train_result.metrics, extra_results={
-        "task_name": data_args.task_name, "model_name_or_path": model_args.model_name_or_path,
-    })
+    return finish_run(trainer, tokenizer, evaluate, losparse_config, train_result.metrics, distill_args=distill_args,
+                      extra_results={"task_name": data_args.task_name,
+                                     "model_name_or_path": model_args.model_name_or_path})
 
 
 if __name__ == "__main__":

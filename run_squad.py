@@ -23,15 +23,18 @@ from typing import Optional, Sequence
 from transformers import AutoModelForQuestionAnswering, AutoTokenizer, TrainingArguments, default_data_collator
 
 from losparse import LoSparseConfig
-from losparse.cli import ModelArguments, RunArguments, finish_run, make_trainer, parse_arguments, run_main, start_run
+from losparse.cli import (ModelArguments, RunArguments, finish_run, load_models, make_trainer, parse_arguments, run_main,
+                          start_run)
+from losparse.distill import DistillationArguments
 from losparse.tasks import squad
 
 logger = logging.getLogger("losparse")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    model_args, data_args, losparse_config, run_args, training_args = parse_arguments(
-        (ModelArguments, squad.SquadDataArguments, LoSparseConfig, RunArguments, TrainingArguments), argv,
+    model_args, data_args, losparse_config, distill_args, run_args, training_args = parse_arguments(
+        (ModelArguments, squad.SquadDataArguments, LoSparseConfig, DistillationArguments, RunArguments,
+         TrainingArguments), argv,
         description=__doc__.split("\n\n")[0],
     )
     start_run(model_args, losparse_config, run_args, training_args, AutoModelForQuestionAnswering)
@@ -39,12 +42,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     raw = squad.load_raw_datasets(data_args, cache_dir=model_args.cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path,
                                               cache_dir=model_args.cache_dir)
-    model = AutoModelForQuestionAnswering.from_pretrained(model_args.model_name_or_path,
-                                                          cache_dir=model_args.cache_dir)
+    model, teacher = load_models(AutoModelForQuestionAnswering, model_args, distill_args)
     train_features, eval_features, eval_examples = squad.preprocess(raw, tokenizer, data_args)
 
     trainer = make_trainer(
-        squad.QuestionAnsweringTrainer, losparse_config, model=model, args=training_args,
+        squad.QuestionAnsweringTrainer, losparse_config, distill_args, teacher, model=model, args=training_args,
         train_dataset=train_features, eval_dataset=eval_features, eval_examples=eval_examples,
         n_best_size=data_args.n_best_size, max_answer_length=data_args.max_answer_length,
         processing_class=tokenizer, data_collator=default_data_collator,
@@ -59,9 +61,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 json.dump(trainer.eval_predictions, f, indent=2)
         return metrics
 
-    return finish_run(trainer, tokenizer, evaluate, losparse_config, train_result.metrics, extra_results={
-        "task_name": data_args.task_name, "model_name_or_path": model_args.model_name_or_path,
-    })
+    return finish_run(trainer, tokenizer, evaluate, losparse_config, train_result.metrics, distill_args=distill_args,
+                      extra_results={"task_name": data_args.task_name,
+                                     "model_name_or_path": model_args.model_name_or_path})
 
 
 if __name__ == "__main__":

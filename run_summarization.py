@@ -21,8 +21,9 @@ from transformers import (AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForS
                           Seq2SeqTrainingArguments)
 
 from losparse import LoSparseConfig, LoSparseUsageError
-from losparse.cli import (ModelArguments, RunArguments, check_output_dir, finish_run, make_trainer, parse_arguments,
+from losparse.cli import (ModelArguments, RunArguments, check_output_dir, finish_run, load_models, make_trainer, parse_arguments,
                           run_main, setup_logging, start_run, write_json)
+from losparse.distill import DistillationArguments
 from losparse.tasks import summarization
 
 logger = logging.getLogger("losparse")
@@ -66,9 +67,9 @@ def run_lead3(data_args: summarization.SummarizationDataArguments, model_args: M
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    model_args, data_args, losparse_config, run_args, training_args = parse_arguments(
-        (SummarizationModelArguments, summarization.SummarizationDataArguments, LoSparseConfig, RunArguments,
-         SummarizationTrainingArguments), argv, description=__doc__.split("\n\n")[0],
+    model_args, data_args, losparse_config, distill_args, run_args, training_args = parse_arguments(
+        (SummarizationModelArguments, summarization.SummarizationDataArguments, LoSparseConfig, DistillationArguments,
+         RunArguments, SummarizationTrainingArguments), argv, description=__doc__.split("\n\n")[0],
     )
     if data_args.lead3:
         check_output_dir(training_args.output_dir, run_args.overwrite_output_dir, None)
@@ -81,7 +82,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     raw = summarization.load_raw_datasets(data_args, cache_dir=model_args.cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path,
                                               cache_dir=model_args.cache_dir)
-    model = AutoModelForSeq2SeqLM.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
+    model, teacher = load_models(AutoModelForSeq2SeqLM, model_args, distill_args)
     if model.config.model_type == "t5" and not data_args.source_prefix:
         logger.warning("T5 was trained with task prefixes: consider --source_prefix 'summarize: '")
     tokenized = summarization.preprocess(raw, tokenizer, data_args)
@@ -92,7 +93,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         training_args.generation_num_beams = data_args.num_beams
     compute_metrics = summarization.make_compute_metrics(tokenizer)
     trainer = make_trainer(
-        Seq2SeqTrainer, losparse_config, model=model, args=training_args, train_dataset=tokenized["train"],
+        Seq2SeqTrainer, losparse_config, distill_args, teacher, model=model, args=training_args, train_dataset=tokenized["train"],
         eval_dataset=tokenized["validation"], processing_class=tokenizer,
         data_collator=DataCollatorForSeq2Seq(tokenizer, model=model),
         compute_metrics=compute_metrics if training_args.predict_with_generate else None,
@@ -114,7 +115,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                             summarization.decode_ids(tokenizer, output.predictions))
         return output.metrics
 
-    return finish_run(trainer, tokenizer, evaluate, losparse_config, train_result.metrics, extra_results={
+    return finish_run(trainer, tokenizer, evaluate, losparse_config, train_result.metrics, distill_args=distill_args,
+                      extra_results={
         "task_name": data_args.task_name, "dataset_name": data_args.dataset_name,
         "model_name_or_path": model_args.model_name_or_path, "generation_max_length": max_length,
         "generation_num_beams": num_beams,

@@ -247,27 +247,70 @@ def start_run(model_args: Any, losparse_config: Any, run_args: Any, training_arg
     set_seed(training_args.seed)
 
 
-def make_trainer(trainer_class: type, losparse_config: Any, **trainer_kwargs: Any) -> Any:
-    """`trainer_class` as is for plain fine-tuning; otherwise decompose the model and compose the
-    LoSparse mixin in front of the class, so any task trainer gains pruning without a copy of it."""
-    from .decompose import apply
+def load_models(auto_class: Any, model_args: Any, distill_args: Any = None, **model_kwargs: Any) -> tuple[Any, Any]:
+    """The student and, when distilling, the frozen teacher.
+
+    A `--model_name_or_path` that is a LoSparse compact checkpoint is loaded as such (`losparse.load`):
+    training then continues on the compressed model, which is the distillation "after" stage.
+    """
+    from .distill import load_teacher
+    from .export import LOSPARSE_CONFIG_FILE, load
+
+    path = model_args.model_name_or_path
+    if os.path.isfile(os.path.join(path, LOSPARSE_CONFIG_FILE)):
+        model = load(path).train()
+        previous = os.path.join(path, "all_results.json")
+        if os.path.isfile(previous):
+            with open(previous) as f:
+                model.compressed_from = json.load(f).get("model_name_or_path")
+    elif distill_args is not None and distill_args.enabled and distill_args.distill_stage == "after":
+        raise LoSparseUsageError(
+            f"--distill_stage after trains an already compressed model, but --model_name_or_path {path!r} is not a "
+            "LoSparse checkpoint (the output_dir of a compression run)"
+        )
+    else:
+        model = auto_class.from_pretrained(path, cache_dir=model_args.cache_dir, **model_kwargs)
+    teacher = None
+    if distill_args is not None and distill_args.enabled:
+        teacher = load_teacher(distill_args.teacher_model_name_or_path, auto_class, cache_dir=model_args.cache_dir)
+    return model, teacher
+
+
+def make_trainer(trainer_class: type, losparse_config: Any, distill_args: Any = None, teacher_model: Any = None,
+                 **trainer_kwargs: Any) -> Any:
+    """`trainer_class` with what the run needs composed in front of it, so any task trainer gains
+    pruning and distillation without a copy of it:
+      - LoSparse pruning when the method decomposes and the model is not compressed yet (`apply` runs here);
+      - knowledge distillation when a teacher is given.
+    """
+    from .decompose import apply, losparse_layers
+    from .distill import DistillationTrainerMixin
     from .trainer import LoSparseTrainerMixin
 
-    if not losparse_config.method_spec.decomposes:
+    bases = [trainer_class]
+    if teacher_model is not None:
+        bases.insert(0, DistillationTrainerMixin)
+        trainer_kwargs.update(teacher_model=teacher_model, distill_args=distill_args)
+    if losparse_config.method_spec.decomposes and not losparse_layers(trainer_kwargs["model"]):
+        apply(trainer_kwargs["model"], losparse_config)
+        bases.insert(0, LoSparseTrainerMixin)
+    if len(bases) == 1:
         return trainer_class(**trainer_kwargs)
-    apply(trainer_kwargs["model"], losparse_config)
-    composed = type(f"LoSparse{trainer_class.__name__}", (LoSparseTrainerMixin, trainer_class), {})
-    return composed(**trainer_kwargs)
+    names = {LoSparseTrainerMixin: "LoSparse", DistillationTrainerMixin: "Distillation"}
+    name = "".join(names.get(b, "") for b in bases) + trainer_class.__name__
+    return type(name, tuple(bases), {})(**trainer_kwargs)
 
 
 def finish_run(trainer: Any, tokenizer: Any, evaluate: Callable[[], dict[str, float]], losparse_config: Any,
-               train_metrics: dict[str, float], extra_results: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+               train_metrics: dict[str, float], extra_results: Optional[dict[str, Any]] = None,
+               distill_args: Any = None) -> dict[str, Any]:
     """Compact the trained model, evaluate it, save it with its tokenizer, write all_results.json.
 
     The reported eval metrics are those of the compacted model, i.e. of exactly what is saved.
     A model without LoSparse layers (method 'finetune') is saved as a plain transformers model.
     all_results.json holds the method and its config, `extra_results`, the training metrics
-    (prefixed train_), the eval metrics and the compression report.
+    (prefixed train_), the eval metrics and the compression report. A model that arrived compressed
+    (distillation "after" stage) reports the config it was compressed with.
     """
     import logging
 
@@ -277,6 +320,7 @@ def finish_run(trainer: Any, tokenizer: Any, evaluate: Callable[[], dict[str, fl
     logger = logging.getLogger("losparse")
     model = trainer.model
     output_dir = trainer.args.output_dir
+    losparse_config = getattr(model, "losparse_config", losparse_config)
     if losparse_layers(model):
         compact(model)
     metrics = evaluate()
@@ -289,8 +333,13 @@ def finish_run(trainer: Any, tokenizer: Any, evaluate: Callable[[], dict[str, fl
             report = {"remaining_ratio": 1.0, "model_params": total, "model_params_dense": total, "num_layers": 0}
             model.save_pretrained(output_dir)
             tokenizer.save_pretrained(output_dir)
+        if getattr(model, "compressed_from", None):
+            extra_results = {**(extra_results or {}), "model_name_or_path": model.compressed_from,
+                             "student_checkpoint": (extra_results or {}).get("model_name_or_path")}
         results = {
-            "method": losparse_config.method, "losparse_config": losparse_config.to_dict(), **(extra_results or {}),
+            "method": losparse_config.method, "losparse_config": losparse_config.to_dict(),
+            "distillation": distill_args.to_dict() if distill_args is not None and distill_args.enabled else None,
+            **(extra_results or {}), "seed": trainer.args.seed,
             **{k if k.startswith("train") else f"train_{k}": v for k, v in train_metrics.items()},
             **metrics, "compression": report,
         }

@@ -46,3 +46,18 @@ def test_a_table_9_cell():
     assert training.per_device_train_batch_size * training.gradient_accumulation_steps == 256
     assert (config.pruning_warmup_steps, config.pruning_final_steps, config.beta1, config.low_rank_ratio) == (
         675, 3375, 0.85, 0.05)
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob("configs/distillation/*.yaml")))
+def test_distillation_tables_parse_with_a_teacher(path):
+    from losparse.distill import DistillationArguments
+
+    types = (ModelArguments, GlueDataArguments, LoSparseConfig, DistillationArguments, RunArguments,
+             TrainingArguments)
+    with open(path) as f:
+        tasks = [t for t in yaml.safe_load(f)["tasks"] if t != "squad"]
+    for task in tasks:
+        *_, distill, _, training = parse_arguments(types, [
+            "--config", path, "--task_name", task, "--output_dir", "x", "--teacher_model_name_or_path", "teacher"])
+        assert distill.distill_stage == "after" and distill.enabled
+        assert training.num_train_epochs == 50

@@ -115,3 +115,31 @@ def test_existing_output_dir_is_not_overwritten(tiny_bert_dir, sentiment_files, 
     assert exit_info.value.code == 2
     assert "exists and is not empty" in capsys.readouterr().err
     assert (output_dir / "notes.txt").read_text() == "keep me"
+
+
+def test_distillation_during_pruning_and_as_a_second_stage(tiny_bert_dir, sentiment_files, tmp_path):
+    first = tmp_path / "during"
+    results = run_glue.main(_argv(tiny_bert_dir, sentiment_files, first, "--remaining_ratio", "0.3",
+                                  "--low_rank_ratio", "0.1", "--teacher_model_name_or_path", tiny_bert_dir,
+                                  "--alpha_output", "1.0", "--alpha_layer", "1.0"))
+    assert results["distillation"]["alpha_layer"] == 1.0
+    assert results["compression"]["remaining_ratio"] == pytest.approx(0.3, abs=0.01)
+
+    second = tmp_path / "after"
+    after = run_glue.main(_argv(str(first), sentiment_files, second, "--method", "finetune",
+                                "--distill_stage", "after", "--teacher_model_name_or_path", tiny_bert_dir,
+                                "--alpha_layer", "2.0", "--num_train_epochs", "1"))
+    # The second stage trains the compressed model as it is: same structure, same ratio, method kept.
+    assert after["method"] == "losparse"
+    assert after["compression"]["target_params"] == results["compression"]["target_params"]
+    before_weights = losparse.load(str(first)).state_dict()
+    after_weights = losparse.load(str(second)).state_dict()
+    assert any(not torch.equal(before_weights[k], after_weights[k]) for k in before_weights if "fused_weight" in k)
+
+
+def test_second_stage_needs_a_compressed_checkpoint(tiny_bert_dir, sentiment_files, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run_main(run_glue.main, _argv(tiny_bert_dir, sentiment_files, tmp_path / "x", "--method", "finetune",
+                                      "--distill_stage", "after", "--teacher_model_name_or_path", tiny_bert_dir,
+                                      "--alpha_layer", "1.0"))
+    assert "is not a LoSparse checkpoint" in capsys.readouterr().err

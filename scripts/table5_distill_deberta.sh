@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# Table 5 (DeBERTaV3-base + distillation): every run via scripts/reproduce.py table5 (resumable; --help for options). DRY_RUN=1 prints the commands.
+set -euo pipefail
+case "${DRY_RUN:-0}" in 0|""|false|no|off) ;; *) set -- --dry_run "$@" ;; esac
+exec "${PYTHON:-python3}" "$(dirname "$0")/reproduce.py" table5 "$@"
