@@ -74,13 +74,18 @@ class LoSparseLinear(nn.Module):
         return self.low_rank_u @ self.low_rank_v
 
     def effective_weight(self) -> torch.Tensor:
-        """U·V + S as one (out, in) matrix (S already carries its mask)."""
-        low_rank = self.low_rank_weight()
+        """U·V + S as one (out, in) matrix (S already carries its mask).
+
+        One fused `addmm`: on CPU a plain `U @ V` with a small inner dimension k can take a slow
+        path (measured ~13× slower than `addmm` for a 1536×16 @ 16×384 product).
+        """
         if self.sparse is None:
-            if low_rank is None:
+            if self.low_rank_u is None:
                 raise RuntimeError("LoSparseLinear has neither a low-rank nor a sparse part")
-            return low_rank
-        return self.sparse if low_rank is None else self.sparse + low_rank
+            return self.low_rank_weight()
+        if self.low_rank_u is None:
+            return self.sparse
+        return torch.addmm(self.sparse, self.low_rank_u, self.low_rank_v)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.effective_weight(), self.bias)

@@ -22,7 +22,7 @@ echo "== 2/4 dense baseline: plain fine-tuning, 1 epoch"
 python3 run_glue.py --config "$CONFIG" "${DATA_ARGS[@]}" --method finetune --num_train_epochs 1 \
   --learning_rate 5.0e-5 --output_dir "$OUTPUT_DIR/dense" --overwrite_output_dir --disable_tqdm true ${EXTRA_ARGS:-}
 
-echo "== 3/4 LoSparse: compress to 20% of the encoder weights while fine-tuning, 2 epochs"
+echo "== 3/4 LoSparse: compress to 20% of the encoder weights while fine-tuning, 1 epoch"
 python3 run_glue.py --config "$CONFIG" "${DATA_ARGS[@]}" --output_dir "$OUTPUT_DIR/losparse-20" \
   --overwrite_output_dir --disable_tqdm true ${EXTRA_ARGS:-}
 
