@@ -1,43 +1,520 @@
-"""Timing and size measurements shared by the quickstart report and the benchmark scripts."""
+"""Timing, size and cost measurements shared by the quickstart report and the benchmark scripts.
+
+* Timing: `median_latency_ms` (one function) and `interleaved_latency_ms` (several functions timed
+  round-robin, so a change in machine load hits all of them alike); CUDA events on a GPU.
+* Size: `parameter_count`, `module_bytes` (parameters + buffers in memory), `weights_size_mb` (on disk).
+* Cost: `LinearCostCounter` counts the FLOPs and bytes of every linear layer (dense `nn.Linear`,
+  `LoSparseLinear`, `CompactLoSparseLinear`) during a real call; `floor_ms` turns them into the
+  roofline floor max(FLOPs / peak FLOP/s, bytes / peak bandwidth).
+* Models for benchmarks: `ARCHS` (built-in configs with random weights, nothing downloaded),
+  `build_model`, `random_inputs`, and `compress_for_benchmark`, which decomposes, prunes to the exact
+  ratio with random neuron scores and compacts, so a compact model can be timed without training.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import statistics
 import time
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
+
+# --------------------------------------------------------------------------------------------- timing
+
+
+def _cuda_in_use() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
+def timed_call_ms(fn: Callable[[], Any], cuda: Optional[bool] = None) -> float:
+    """Wall time of one call of `fn()` in milliseconds; CUDA events (and a sync) when a GPU is in use."""
+    if cuda is None:
+        cuda = _cuda_in_use()
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return float(start.elapsed_time(end))
+    start_time = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start_time) * 1e3
+
+
+def latency_stats(times_ms: list[float]) -> dict[str, Any]:
+    """Median (the number to report), min, mean, 90th percentile and count of a list of times."""
+    ordered = sorted(times_ms)
+    p90 = ordered[min(len(ordered) - 1, math.ceil(0.9 * len(ordered)) - 1)]
+    return {
+        "median_ms": statistics.median(ordered),
+        "min_ms": ordered[0],
+        "mean_ms": statistics.fmean(ordered),
+        "p90_ms": p90,
+        "n": len(ordered),
+    }
 
 
 @torch.inference_mode()
 def median_latency_ms(fn: Callable[[], Any], warmup: int = 3, repeats: int = 20) -> float:
     """Median wall time of `fn()` in milliseconds (CUDA-synchronised when a GPU is in use)."""
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
+    return statistics.median(timed_call_ms(fn) for _ in range(repeats))
+
+
+def interleaved_latency_ms(
+    fns: dict[str, Callable[[], Any]],
+    warmup: int = 3,
+    repeats: int = 20,
+    max_seconds: Optional[float] = None,
+    min_repeats: int = 3,
+    cuda: Optional[bool] = None,
+    inference: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Time several functions round-robin (a, b, a, b, ...) after `warmup` calls of each.
+
+    Stops after `repeats` rounds, or earlier once `max_seconds` have passed and at least
+    `min_repeats` rounds are done. Returns `latency_stats` per name (plus the raw `times_ms`).
+    Interleaving makes the comparison fair on a shared machine: a burst of load from someone
+    else slows all candidates, not just the one that happened to be running.
+    """
+    context = torch.inference_mode() if inference else contextlib.nullcontext()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    with context:
+        for _ in range(warmup):
+            for fn in fns.values():
+                fn()
+        if cuda is None:
+            cuda = _cuda_in_use()
         if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
             torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            start_time = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start_time) * 1e3)
-    return statistics.median(times)
+        started = time.perf_counter()
+        for round_index in range(repeats):
+            for name, fn in fns.items():
+                times[name].append(timed_call_ms(fn, cuda))
+            out_of_time = max_seconds is not None and time.perf_counter() - started > max_seconds
+            if out_of_time and round_index + 1 >= min_repeats:
+                break
+    return {name: {**latency_stats(t), "times_ms": [round(x, 4) for x in t]} for name, t in times.items()}
+
+
+# ----------------------------------------------------------------------------------------------- size
 
 
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def module_bytes(model: nn.Module) -> int:
+    """Bytes held by the parameters and buffers of `model` (shared tensors counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
 def weights_size_mb(directory: str) -> float:
     """Size on disk of the weight files (*.safetensors) in a saved model directory."""
     total = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory) if f.endswith(".safetensors"))
     return total / 2**20
+
+
+# ----------------------------------------------------------------------------------------------- cost
+
+
+def linear_cost(module: nn.Module, tokens: int, element_size: int) -> tuple[float, float]:
+    """(FLOPs, bytes) of one call of a linear layer on `tokens` rows of input.
+
+    FLOPs count the multiply-adds of the GEMMs (2 per MAC). Bytes are the ideal traffic: read the
+    input x once, write the output y once, read every weight once (the intermediate z of a compact
+    layer is not counted — the floor assumes it stays on chip).
+    """
+    from .layers import CompactLoSparseLinear, LoSparseLinear
+
+    in_f, out_f = module.in_features, module.out_features
+    io_bytes = tokens * (in_f + out_f) * element_size
+    weight_bytes = sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+    if isinstance(module, CompactLoSparseLinear):
+        k, m = module.rank, module.num_kept
+        if module.prune_dim == "rows":
+            macs = tokens * ((k + m) * in_f + k * out_f)
+        else:
+            macs = tokens * (k * in_f + (k + m) * out_f)
+    elif isinstance(module, LoSparseLinear):
+        # effective weight U·V (+ S) once per call, then one dense GEMM
+        macs = tokens * in_f * out_f + module.rank * in_f * out_f
+    else:
+        macs = tokens * in_f * out_f
+    return 2.0 * macs, float(io_bytes + weight_bytes)
+
+
+class LinearCostCounter:
+    """Counts FLOPs and bytes of every linear layer of `model` while the context is open.
+
+        with LinearCostCounter(model) as cost:
+            model(**inputs)
+        cost.flops, cost.bytes, cost.calls
+
+    Attention score/softmax, normalisation and embedding lookups are not counted, so the floor built
+    from these numbers is a lower bound of the whole model's time.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        from .layers import CompactLoSparseLinear, LoSparseLinear
+
+        self.modules = [m for m in model.modules() if isinstance(m, (nn.Linear, CompactLoSparseLinear, LoSparseLinear))]
+        self.flops = 0.0
+        self.bytes = 0.0
+        self.calls = 0
+        self._handles: list[Any] = []
+
+    def _hook(self, module: nn.Module, inputs: tuple, output: Any) -> None:
+        x = inputs[0]
+        flops, nbytes = linear_cost(module, x.numel() // module.in_features, x.element_size())
+        self.flops += flops
+        self.bytes += nbytes
+        self.calls += 1
+
+    def __enter__(self) -> "LinearCostCounter":
+        self._handles = [m.register_forward_hook(self._hook) for m in self.modules]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def floor_ms(flops: Optional[float], nbytes: Optional[float], peak_tflops: Optional[float],
+             peak_gbps: Optional[float]) -> Optional[float]:
+    """Roofline floor in ms: the larger of FLOPs / peak FLOP/s and bytes / peak bandwidth.
+
+    None when the peaks are not known (e.g. on a CPU without --peak_tflops/--peak_gbps).
+    With only one of the two peaks given, that one alone makes the floor.
+    """
+    if flops is None or nbytes is None or (not peak_tflops and not peak_gbps):
+        return None
+    compute = flops / (peak_tflops * 1e12) if peak_tflops else 0.0
+    memory = nbytes / (peak_gbps * 1e9) if peak_gbps else 0.0
+    return max(compute, memory) * 1e3
+
+
+@torch.inference_mode()
+def measure_peaks(device: Any = "cpu", dtype: torch.dtype = torch.float32, size: int = 2048,
+                  copy_mb: int = 256, repeats: int = 5) -> tuple[float, float]:
+    """(TFLOP/s of a square GEMM, GB/s of a large copy) actually reached on `device` right now.
+
+    A measured stand-in for the data-sheet peaks where none are known (a CPU, a shared machine):
+    the floor built from them says how far a model is from what this machine does on its best
+    kernel, not from a marketing number. Best of `repeats`.
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    gemm_ms = min(timed_call_ms(lambda: torch.mm(a, b), cuda) for _ in range(repeats + 1))
+    source = torch.empty(copy_mb * 2**20 // 4, dtype=torch.float32, device=device).fill_(1.0)
+    target = torch.empty_like(source)
+    copy_ms = min(timed_call_ms(lambda: target.copy_(source), cuda) for _ in range(repeats + 1))
+    tflops = 2 * size**3 / (gemm_ms / 1e3) / 1e12
+    gbps = 2 * source.numel() * 4 / (copy_ms / 1e3) / 1e9  # read + write
+    return tflops, gbps
+
+
+# ---------------------------------------------------------------------------------- benchmark models
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """A built-in architecture: a transformers config class and values, and what head to put on it."""
+
+    kind: str  # "classification", "seq2seq" or "causal"
+    config_class: str
+    values: tuple[tuple[str, Any], ...]
+    description: str
+    layers_key: Optional[str] = None  # the config field --num_layers overrides, if any
+
+    def config(self, num_layers: Optional[int] = None) -> Any:
+        import transformers
+
+        values = dict(self.values)
+        if num_layers is not None:
+            if self.layers_key is None:
+                raise ValueError(f"--num_layers is not supported for this architecture ({self.description})")
+            values[self.layers_key] = num_layers
+        return getattr(transformers, self.config_class)(**values)
+
+
+ARCHS: dict[str, ArchSpec] = {
+    "bert-base": ArchSpec(
+        "classification", "BertConfig",
+        (("vocab_size", 30522), ("hidden_size", 768), ("num_hidden_layers", 12), ("num_attention_heads", 12),
+         ("intermediate_size", 3072), ("max_position_embeddings", 512), ("num_labels", 2)),
+        "BERT-base: 12 layers, hidden 768, FFN 3072, 12 heads, sequence classification head",
+        layers_key="num_hidden_layers",
+    ),
+    "deberta-v3-base": ArchSpec(
+        "classification", "DebertaV2Config",
+        (("vocab_size", 128100), ("hidden_size", 768), ("num_hidden_layers", 12), ("num_attention_heads", 12),
+         ("intermediate_size", 3072), ("hidden_act", "gelu"), ("max_position_embeddings", 512),
+         ("type_vocab_size", 0), ("relative_attention", True), ("max_relative_positions", -1),
+         ("position_buckets", 256), ("norm_rel_ebd", "layer_norm"), ("share_att_key", True),
+         ("pos_att_type", ["p2c", "c2p"]), ("position_biased_input", False), ("layer_norm_eps", 1e-7),
+         ("pad_token_id", 0), ("num_labels", 2)),
+        "DeBERTaV3-base: 12 layers, hidden 768, FFN 3072, 12 heads, relative attention (256 buckets)",
+        layers_key="num_hidden_layers",
+    ),
+    "bart-large": ArchSpec(
+        "seq2seq", "BartConfig",
+        (("vocab_size", 50265), ("d_model", 1024), ("encoder_layers", 12), ("decoder_layers", 12),
+         ("encoder_attention_heads", 16), ("decoder_attention_heads", 16), ("encoder_ffn_dim", 4096),
+         ("decoder_ffn_dim", 4096), ("max_position_embeddings", 1024), ("activation_function", "gelu"),
+         ("pad_token_id", 1), ("bos_token_id", 0), ("eos_token_id", 2), ("decoder_start_token_id", 2),
+         ("forced_eos_token_id", None)),
+        "BART-large: 12+12 layers, d_model 1024, FFN 4096, 16 heads, LM head (vocab 50265)",
+    ),
+    "llama-7b-layer": ArchSpec(
+        "causal", "LlamaConfig",
+        (("vocab_size", 32000), ("hidden_size", 4096), ("intermediate_size", 11008), ("num_hidden_layers", 4),
+         ("num_attention_heads", 32), ("num_key_value_heads", 32), ("max_position_embeddings", 4096),
+         ("rms_norm_eps", 1e-6), ("hidden_act", "silu"), ("tie_word_embeddings", False),
+         ("pad_token_id", 0), ("bos_token_id", 1), ("eos_token_id", 2)),
+        "a stack of Llama-7B-shaped decoder layers: hidden 4096, FFN 11008, 32 heads (--num_layers, default 4)",
+        layers_key="num_hidden_layers",
+    ),
+    # tiny ones, for tests and smoke runs
+    "tiny-bert": ArchSpec(
+        "classification", "BertConfig",
+        (("vocab_size", 1000), ("hidden_size", 64), ("num_hidden_layers", 2), ("num_attention_heads", 4),
+         ("intermediate_size", 256), ("max_position_embeddings", 512), ("num_labels", 2)),
+        "tiny BERT for tests: 2 layers, hidden 64", layers_key="num_hidden_layers",
+    ),
+    "tiny-bart": ArchSpec(
+        "seq2seq", "BartConfig",
+        (("vocab_size", 1000), ("d_model", 64), ("encoder_layers", 2), ("decoder_layers", 2),
+         ("encoder_attention_heads", 4), ("decoder_attention_heads", 4), ("encoder_ffn_dim", 256),
+         ("decoder_ffn_dim", 256), ("max_position_embeddings", 512), ("pad_token_id", 1), ("bos_token_id", 0),
+         ("eos_token_id", 2), ("decoder_start_token_id", 2), ("forced_eos_token_id", None)),
+        "tiny BART for tests: 2+2 layers, d_model 64",
+    ),
+    "tiny-llama": ArchSpec(
+        "causal", "LlamaConfig",
+        (("vocab_size", 1000), ("hidden_size", 64), ("intermediate_size", 172), ("num_hidden_layers", 2),
+         ("num_attention_heads", 4), ("num_key_value_heads", 4), ("max_position_embeddings", 512),
+         ("tie_word_embeddings", False), ("pad_token_id", 0), ("bos_token_id", 1), ("eos_token_id", 2)),
+        "tiny Llama for tests: 2 layers, hidden 64", layers_key="num_hidden_layers",
+    ),
+}
+
+_MODEL_CLASSES = {
+    "classification": "AutoModelForSequenceClassification",
+    "seq2seq": "AutoModelForSeq2SeqLM",
+    "causal": "AutoModelForCausalLM",
+}
+
+
+def model_kind(config: Any) -> str:
+    """'seq2seq', 'causal' or 'classification' for a transformers config (by its architectures/type)."""
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq"
+    names = " ".join(getattr(config, "architectures", None) or [])
+    if "CausalLM" in names or "LMHeadModel" in names or config.model_type in ("llama", "mistral", "gpt2", "opt"):
+        return "causal"
+    return "classification"
+
+
+def build_model(arch: str, num_layers: Optional[int] = None, device: Any = None, seed: int = 0) -> nn.Module:
+    """A model of a built-in architecture with random weights (fp32, eval mode); nothing is downloaded."""
+    import transformers
+
+    spec = ARCHS[arch]
+    config = spec.config(num_layers)
+    model_class = getattr(transformers, _MODEL_CLASSES[spec.kind])
+    torch.manual_seed(seed)
+    with torch.device(device or "cpu"):
+        model = model_class.from_config(config)
+    return model.float().eval()
+
+
+def load_model(path: str, device: Any = None) -> tuple[nn.Module, str, bool]:
+    """Load a local or hub model: (model in fp32 eval mode, kind, is_compact).
+
+    A LoSparse compact checkpoint (written by `losparse.save`) is rebuilt as is; anything else is
+    loaded with the transformers Auto class for its kind (sequence classification with 2 labels
+    unless the config says otherwise, seq2seq LM, causal LM).
+    """
+    import transformers
+
+    from .export import LOSPARSE_CONFIG_FILE, load
+
+    if os.path.isfile(os.path.join(path, LOSPARSE_CONFIG_FILE)):
+        model = load(path, device=device).float()
+        return model, model_kind(model.config), True
+    config = transformers.AutoConfig.from_pretrained(path)
+    kind = model_kind(config)
+    model = getattr(transformers, _MODEL_CLASSES[kind]).from_pretrained(path, dtype=torch.float32)
+    if device is not None:
+        model.to(device)
+    return model.eval(), kind, False
+
+
+def random_inputs(model: nn.Module, kind: str, batch_size: int, seq_len: int, tgt_len: int = 32,
+                  seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random token ids (avoiding the low, usually special, ids) and an all-ones attention mask.
+
+    seq2seq models also get `decoder_input_ids` of length `tgt_len`.
+    """
+    device = next(model.parameters()).device
+    config = model.config
+    vocab = config.vocab_size if hasattr(config, "vocab_size") else config.get_text_config().vocab_size
+    generator = torch.Generator().manual_seed(seed)
+    low = min(5, vocab - 1)
+    inputs = {
+        "input_ids": torch.randint(low, vocab, (batch_size, seq_len), generator=generator).to(device),
+        "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long, device=device),
+    }
+    if kind == "seq2seq":
+        inputs["decoder_input_ids"] = torch.randint(low, vocab, (batch_size, tgt_len), generator=generator).to(device)
+    return inputs
+
+
+@contextlib.contextmanager
+def randomized_svd(oversample: int = 8, niter: int = 2) -> Iterator[None]:
+    """Make `losparse.apply` use a randomized top-k SVD (`torch.svd_lowrank`) while the context is open.
+
+    For timing, which U and V the model holds does not matter (the dense reference is merged from
+    the same factors), and a full SVD of every matrix is slow on a CPU (seconds per 768×768 matrix
+    on a loaded machine, minutes for a 4096×11008 one). S = W − U·V still makes the decomposition
+    exact. Use `--svd exact` in the scripts for the library's own full SVD.
+    """
+    from . import decompose
+
+    def svd_split(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        work = weight.float() if weight.dtype != torch.float64 else weight
+        q = min(rank + oversample, *work.shape)
+        left, sigma, right = torch.svd_lowrank(work, q=q, niter=niter)
+        root = sigma[:rank].clamp_min(0).sqrt()
+        u = left[:, :rank] * root
+        v = root.unsqueeze(1) * right[:, :rank].T
+        return u.to(weight.dtype), v.to(weight.dtype)
+
+    original = decompose.svd_split
+    decompose.svd_split = svd_split
+    try:
+        yield
+    finally:
+        decompose.svd_split = original
+
+
+def prune_with_random_scores(model: nn.Module, seed: int = 0) -> float:
+    """Mask S of a decomposed model to the config's exact final kept fraction with random neuron scores.
+
+    Stands in for training: the global, parameter-weighted ranking of `LoSparsePruner.update_masks`
+    runs on random scores (fixed seed), which gives the exact ratio with a realistic scattered pattern
+    of kept rows. Returns the kept fraction of S.
+    """
+    from .pruner import LoSparsePruner
+
+    pruner = LoSparsePruner(model, total_steps=10)
+    scores = pruner.importance.neuron_ema
+    generator = torch.Generator().manual_seed(seed)
+    scores.copy_(torch.rand(scores.shape, generator=generator).to(scores.device))
+    pruner.update_masks(pruner.final_kept_fraction)
+    return pruner.achieved_kept_fraction()
+
+
+def compress_for_benchmark(model: nn.Module, remaining_ratio: float, low_rank_ratio: float, seed: int = 0,
+                           svd: str = "randomized", **config_values: Any) -> nn.Module:
+    """decompose (`losparse.apply`) → prune with random scores → `losparse.compact`, in place; returns `model`."""
+    from .config import LoSparseConfig
+    from .decompose import apply
+    from .export import compact
+
+    config = LoSparseConfig(remaining_ratio=remaining_ratio, low_rank_ratio=low_rank_ratio, **config_values)
+    torch.manual_seed(seed)
+    with randomized_svd() if svd == "randomized" else contextlib.nullcontext():
+        apply(model, config)
+    prune_with_random_scores(model, seed)
+    return compact(model)
+
+
+def output_difference(reference: Any, other: Any) -> dict[str, float]:
+    """Max |a − b| over the logits and last hidden states of two model outputs, and relative to max |a|."""
+    pairs = []
+    for key in ("logits", "last_hidden_state", "encoder_last_hidden_state"):
+        a, b = getattr(reference, key, None), getattr(other, key, None)
+        if a is not None and b is not None:
+            pairs.append((key, a, b))
+    hidden_a, hidden_b = getattr(reference, "hidden_states", None), getattr(other, "hidden_states", None)
+    if hidden_a and hidden_b:
+        pairs.append(("hidden_states[-1]", hidden_a[-1], hidden_b[-1]))
+    if not pairs:
+        raise ValueError("the model outputs hold neither logits nor hidden states to compare")
+    worst = {"max_abs_diff": 0.0, "max_rel_diff": 0.0, "output_scale": 0.0, "compared": ",".join(p[0] for p in pairs)}
+    for _, a, b in pairs:
+        a, b = a.detach().float(), b.detach().float()
+        diff = float((a - b).abs().max())
+        scale = float(a.abs().max())
+        worst["max_abs_diff"] = max(worst["max_abs_diff"], diff)
+        worst["max_rel_diff"] = max(worst["max_rel_diff"], diff / max(scale, 1e-12))
+        worst["output_scale"] = max(worst["output_scale"], scale)
+    return worst
+
+
+def choose_threads(requested: Optional[str]) -> tuple[int, str]:
+    """Set torch's CPU thread count: an integer, "auto" or None (leave torch's default).
+
+    "auto" takes the cores that the 1-minute load average leaves free (at least 1, at most torch's
+    default). On a shared machine more threads than free cores is far slower, not faster: every
+    parallel region waits for a thread that the scheduler has parked (a 2-layer model measured 90 ms
+    per forward with 2 threads under load 3 on 2 cores, 0.8 ms with 1 thread).
+    Returns (threads in use, how they were chosen).
+    """
+    default = torch.get_num_threads()
+    if requested in (None, "", "default"):
+        return default, "torch default"
+    if requested == "auto":
+        try:
+            busy = math.ceil(os.getloadavg()[0] - 0.25)
+        except OSError:  # pragma: no cover
+            return default, "torch default (no load average here)"
+        threads = max(1, min(default, (os.cpu_count() or default) - busy))
+        torch.set_num_threads(threads)
+        return threads, f"auto: {os.cpu_count()} CPUs, 1-min load {os.getloadavg()[0]:.2f} before start"
+    threads = int(requested)
+    if threads < 1:
+        raise ValueError(f"--threads {requested!r} must be >= 1 or 'auto'")
+    torch.set_num_threads(threads)
+    return threads, "--threads"
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_load() -> dict[str, Any]:
+    """Load averages and thread count, to print next to every number taken on a shared machine."""
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover - not on every platform
+        load = None
+    return {"load_avg_1_5_15": load, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
