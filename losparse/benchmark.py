@@ -19,7 +19,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -387,34 +387,6 @@ def random_inputs(model: nn.Module, kind: str, batch_size: int, seq_len: int, tg
     return inputs
 
 
-@contextlib.contextmanager
-def randomized_svd(oversample: int = 8, niter: int = 2) -> Iterator[None]:
-    """Make `losparse.apply` use a randomized top-k SVD (`torch.svd_lowrank`) while the context is open.
-
-    For timing, which U and V the model holds does not matter (the dense reference is merged from
-    the same factors), and a full SVD of every matrix is slow on a CPU (seconds per 768×768 matrix
-    on a loaded machine, minutes for a 4096×11008 one). S = W − U·V still makes the decomposition
-    exact. Use `--svd exact` in the scripts for the library's own full SVD.
-    """
-    from . import decompose
-
-    def svd_split(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        work = weight.float() if weight.dtype != torch.float64 else weight
-        q = min(rank + oversample, *work.shape)
-        left, sigma, right = torch.svd_lowrank(work, q=q, niter=niter)
-        root = sigma[:rank].clamp_min(0).sqrt()
-        u = left[:, :rank] * root
-        v = root.unsqueeze(1) * right[:, :rank].T
-        return u.to(weight.dtype), v.to(weight.dtype)
-
-    original = decompose.svd_split
-    decompose.svd_split = svd_split
-    try:
-        yield
-    finally:
-        decompose.svd_split = original
-
-
 def prune_with_random_scores(model: nn.Module, seed: int = 0) -> float:
     """Mask S of a decomposed model to the config's exact final kept fraction with random neuron scores.
 
@@ -433,16 +405,21 @@ def prune_with_random_scores(model: nn.Module, seed: int = 0) -> float:
 
 
 def compress_for_benchmark(model: nn.Module, remaining_ratio: float, low_rank_ratio: float, seed: int = 0,
-                           svd: str = "randomized", **config_values: Any) -> nn.Module:
-    """decompose (`losparse.apply`) → prune with random scores → `losparse.compact`, in place; returns `model`."""
+                           svd_solver: str = "randomized", **config_values: Any) -> nn.Module:
+    """decompose (`losparse.apply`) → prune with random scores → `losparse.compact`, in place; returns `model`.
+
+    The SVD defaults to the randomized solver: for timing, which U and V the model holds does not
+    matter (the dense reference is merged from the same factors), and an exact SVD of every matrix
+    takes minutes on a CPU for 4096×11008 matrices.
+    """
     from .config import LoSparseConfig
     from .decompose import apply
     from .export import compact
 
-    config = LoSparseConfig(remaining_ratio=remaining_ratio, low_rank_ratio=low_rank_ratio, **config_values)
+    config = LoSparseConfig(remaining_ratio=remaining_ratio, low_rank_ratio=low_rank_ratio, svd_solver=svd_solver,
+                            **config_values)
     torch.manual_seed(seed)
-    with randomized_svd() if svd == "randomized" else contextlib.nullcontext():
-        apply(model, config)
+    apply(model, config)
     prune_with_random_scores(model, seed)
     return compact(model)
 
@@ -518,3 +495,45 @@ def machine_load() -> dict[str, Any]:
     except OSError:  # pragma: no cover - not on every platform
         load = None
     return {"load_avg_1_5_15": load, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+
+
+def environment_at_start(threads: Optional[str]) -> dict[str, Any]:
+    """Record the load average, then set torch's CPU threads (`choose_threads`) and say so on stderr.
+
+    Call first thing in a benchmark script; pass the result to `environment_record` at the end.
+    """
+    import sys
+
+    load_at_start = machine_load()["load_avg_1_5_15"]
+    count, choice = choose_threads(threads)
+    print(f"torch CPU threads: {count} ({choice})", file=sys.stderr)
+    return {"load_at_start": load_at_start, "threads_choice": choice}
+
+
+def environment_record(start: dict[str, Any], script: str, argv: Optional[list[str]],
+                       wall_started: float) -> dict[str, Any]:
+    """Machine, versions, threads, load at start and end, the command and the wall time of a benchmark run."""
+    import platform
+    import sys
+    import time
+
+    import transformers
+
+    return {
+        "machine": f"{platform.node()}: {cpu_name()}, {os.cpu_count()} CPUs",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "threads_choice": start["threads_choice"],
+        "load_at_start": start["load_at_start"],
+        "load_at_end": machine_load()["load_avg_1_5_15"],
+        "command": [script] + (argv if argv is not None else sys.argv[1:]),
+        "wall_s": time.perf_counter() - wall_started,
+    }
+
+
+def machine_line(result: dict[str, Any]) -> str:
+    """One line with the `environment_record` fields, printed under every benchmark table."""
+    return (f"machine: {result['machine']}; load average (1/5/15 min) at start {result['load_at_start']}, at end "
+            f"{result['load_at_end']}; {result['torch_threads']} torch threads ({result['threads_choice']}); "
+            f"wall {result['wall_s']:.1f} s")

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import re
+import time
 from typing import Iterable, Optional
 
 import torch
 from torch import nn
-
-import logging
 
 from .config import LoSparseConfig
 from .errors import LoSparseUsageError
@@ -77,19 +77,70 @@ def allocate_ranks(shapes: list[tuple[int, int]], share: float) -> list[int]:
     return ranks
 
 
+#: `svd_solver="auto"` switches to the randomized SVD for matrices whose smaller side is at least this.
+RANDOMIZED_SVD_MIN_DIM = 2048
+
+
+def resolve_svd_device(svd_device: str, weight_device: torch.device) -> torch.device:
+    """The device the SVD runs on: the named one, or for 'auto' the current GPU if any, else the weight's."""
+    if svd_device != "auto":
+        device = torch.device(svd_device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise LoSparseUsageError(f"--svd_device {svd_device!r}: no CUDA GPU is visible; use 'auto' or 'cpu'")
+        return device
+    if weight_device.type == "cpu" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return weight_device
+
+
 @torch.no_grad()
-def svd_split(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def randomized_top_svd(matrix: torch.Tensor, rank: int, oversample: int = 16, power_iterations: int = 4,
+                       seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-`rank` SVD of `matrix` (m, n) by a randomized range finder (Halko, Martinsson & Tropp 2011).
+
+    A Gaussian sketch (n, rank + oversample) drawn from a generator seeded with `seed` (so the result
+    is reproducible and identical on every DDP rank), `power_iterations` rounds of re-orthonormalised
+    power iteration to sharpen a slowly decaying spectrum, then an exact SVD of the small projected
+    matrix. Returns (left (m, rank), sigma (rank,), right_t (rank, n)) like `torch.linalg.svd`.
+    """
+    rows, cols = matrix.shape
+    width = min(rank + oversample, rows, cols)
+    generator = torch.Generator(device=matrix.device).manual_seed(seed)
+    sketch = torch.randn(cols, width, generator=generator, device=matrix.device, dtype=matrix.dtype)
+    basis = torch.linalg.qr(matrix @ sketch).Q
+    for _ in range(power_iterations):
+        basis = torch.linalg.qr(matrix.T @ basis).Q
+        basis = torch.linalg.qr(matrix @ basis).Q
+    left_small, sigma, right_t = torch.linalg.svd(basis.T @ matrix, full_matrices=False)
+    return (basis @ left_small)[:, :rank], sigma[:rank], right_t[:rank]
+
+
+def use_randomized_svd(shape: tuple[int, int], rank: int, svd_solver: str) -> bool:
+    """Whether `svd_solver` means the randomized SVD for a matrix of this shape and rank."""
+    if svd_solver == "auto":
+        return min(shape) >= RANDOMIZED_SVD_MIN_DIM and rank <= min(shape) // 4
+    return svd_solver == "randomized"
+
+
+@torch.no_grad()
+def svd_split(weight: torch.Tensor, rank: int, svd_solver: str = "exact",
+              svd_device: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Top-`rank` SVD factors with √σ on both sides: U (out, k) = u·√σ, V (k, in) = √σ·vᵀ (eqs. 6–7).
 
-    Computed in float32 (float64 stays float64) whatever the weight's dtype, returned in that dtype.
-    (The remainder S = W − U·V of `decompose_linear` is formed in the same precision.)
+    Computed in float32 (float64 stays float64) on `svd_device` whatever the weight's dtype and device,
+    returned in those. `svd_solver`: see `LoSparseConfig.svd_solver`. (The remainder S = W − U·V of
+    `decompose_linear` is formed from the returned factors, so the decomposition is exact either way.)
     """
     work_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    left, sigma, right_t = torch.linalg.svd(weight.to(work_dtype), full_matrices=False)
-    root = sigma[:rank].sqrt()
+    work = weight.to(device=resolve_svd_device(svd_device, weight.device), dtype=work_dtype)
+    if use_randomized_svd(tuple(weight.shape), rank, svd_solver):
+        left, sigma, right_t = randomized_top_svd(work, rank)
+    else:
+        left, sigma, right_t = torch.linalg.svd(work, full_matrices=False)
+    root = sigma[:rank].clamp_min(0).sqrt()
     u = left[:, :rank] * root
     v = root.unsqueeze(1) * right_t[:rank]
-    return u.to(weight.dtype), v.to(weight.dtype)
+    return u.to(weight.device, weight.dtype), v.to(weight.device, weight.dtype)
 
 
 def _matches_any(name: str, patterns: Optional[Iterable[str]]) -> bool:
@@ -156,12 +207,13 @@ def set_submodule(model: nn.Module, name: str, new_module: nn.Module) -> None:
 
 @torch.no_grad()
 def decompose_linear(linear: nn.Linear, low_rank_ratio: Optional[float], prune_dim: str = "rows",
-                     has_sparse: bool = True, rank: Optional[int] = None) -> LoSparseLinear:
+                     has_sparse: bool = True, rank: Optional[int] = None, svd_solver: str = "exact",
+                     svd_device: str = "auto") -> LoSparseLinear:
     """Replace-ready `LoSparseLinear` with U·V + S == linear.weight (to float rounding).
 
     The rank is `rank` if given, else k = ceil(r·out·in/(out+in)) for r = `low_rank_ratio`, else 0:
     no low-rank part (S = W, for pruning baselines). `has_sparse=False` keeps only U·V (the SVD
-    truncation, for low-rank baselines).
+    truncation, for low-rank baselines). `svd_solver`, `svd_device`: see `svd_split`.
     """
     weight = linear.weight
     out_features, in_features = weight.shape
@@ -180,7 +232,7 @@ def decompose_linear(linear: nn.Linear, low_rank_ratio: Optional[float], prune_d
     work_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     remainder = weight.to(work_dtype)
     if rank:
-        u, v = svd_split(weight, rank)
+        u, v = svd_split(weight, rank, svd_solver, svd_device)
         layer.low_rank_u.copy_(u)
         layer.low_rank_v.copy_(v)
         remainder = remainder - u.to(work_dtype) @ v.to(work_dtype)
@@ -220,11 +272,16 @@ def apply(model: nn.Module, config: LoSparseConfig) -> nn.Module:
                        "nothing" if spec.rank_from is None else "the whole --remaining_ratio", config.low_rank_ratio)
     share = rank_ratio(spec, config.remaining_ratio, config.low_rank_ratio)
     targets = require_targets(model, config)
+    svd_device = resolve_svd_device(config.svd_device, targets[0][1].weight.device)
+    started = time.perf_counter()
     ranks: list[Optional[int]] = [None] * len(targets)
     if spec.rank_from == "remaining_ratio":
         ranks = allocate_ranks([tuple(linear.weight.shape) for _, linear in targets], share)
     for (name, linear), rank in zip(targets, ranks):
         set_submodule(model, name, decompose_linear(linear, share, config.prune_dim, has_sparse=spec.has_sparse,
-                                                    rank=rank))
+                                                    rank=rank, svd_solver=config.svd_solver,
+                                                    svd_device=config.svd_device))
+    logger.info("Decomposed %d linear layers in %.1f s (SVD: %s on %s)", len(targets), time.perf_counter() - started,
+                config.svd_solver, svd_device)
     model.losparse_config = config
     return model

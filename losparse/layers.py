@@ -18,7 +18,20 @@ from torch import nn
 PRUNE_DIM_TO_AXIS = {"rows": 0, "columns": 1}
 
 
-class LoSparseLinear(nn.Module):
+class _DecomposedLinear(nn.Module):
+    """What both layer forms share: the dense layer's shape, the rank k of U·V and the pruned dimension."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, prune_dim: str) -> None:
+        super().__init__()
+        if prune_dim not in PRUNE_DIM_TO_AXIS:
+            raise ValueError(f"prune_dim {prune_dim!r} is not one of {sorted(PRUNE_DIM_TO_AXIS)}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rank = rank
+        self.prune_dim = prune_dim
+
+
+class LoSparseLinear(_DecomposedLinear):
     """y = x·(U·V + S)ᵀ + b, with S pruned by whole neurons.
 
     Parameters (any may be absent, so baselines reuse the layer):
@@ -43,14 +56,8 @@ class LoSparseLinear(nn.Module):
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
-        super().__init__()
-        if prune_dim not in PRUNE_DIM_TO_AXIS:
-            raise ValueError(f"prune_dim {prune_dim!r} is not one of {sorted(PRUNE_DIM_TO_AXIS)}")
+        super().__init__(in_features, out_features, rank, prune_dim)
         factory = {"device": device, "dtype": dtype}
-        self.in_features = in_features
-        self.out_features = out_features
-        self.rank = rank
-        self.prune_dim = prune_dim
         self.low_rank_u = nn.Parameter(torch.zeros(out_features, rank, **factory)) if rank > 0 else None
         self.low_rank_v = nn.Parameter(torch.zeros(rank, in_features, **factory)) if rank > 0 else None
         self.sparse = nn.Parameter(torch.zeros(out_features, in_features, **factory)) if has_sparse else None
@@ -115,7 +122,7 @@ class LoSparseLinear(nn.Module):
         )
 
 
-class CompactLoSparseLinear(nn.Module):
+class CompactLoSparseLinear(_DecomposedLinear):
     """Inference form of `LoSparseLinear` with the pruned neurons of S physically removed.
 
     prune_dim="rows" (m kept output neurons, indices `kept_index`):
@@ -139,15 +146,9 @@ class CompactLoSparseLinear(nn.Module):
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
-        super().__init__()
-        if prune_dim not in PRUNE_DIM_TO_AXIS:
-            raise ValueError(f"prune_dim {prune_dim!r} is not one of {sorted(PRUNE_DIM_TO_AXIS)}")
+        super().__init__(in_features, out_features, rank, prune_dim)
         factory = {"device": device, "dtype": dtype}
-        self.in_features = in_features
-        self.out_features = out_features
-        self.rank = rank
         self.num_kept = num_kept
-        self.prune_dim = prune_dim
         if prune_dim == "rows":
             self.fused_weight = nn.Parameter(torch.zeros(rank + num_kept, in_features, **factory))
             self.low_rank_u = nn.Parameter(torch.zeros(out_features, rank, **factory))

@@ -30,7 +30,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import sys
 import time
 from typing import Any, Callable, Optional
@@ -45,12 +44,14 @@ from losparse.benchmark import (  # noqa: E402
     ARCHS,
     LinearCostCounter,
     build_model,
-    choose_threads,
     cpu_name,
     compress_for_benchmark,
+    environment_at_start,
+    environment_record,
     floor_ms,
     interleaved_latency_ms,
     load_model,
+    machine_line,
     machine_load,
     measure_peaks,
     module_bytes,
@@ -104,8 +105,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--measure_peaks", action="store_true",
                         help="set --peak_tflops/--peak_gbps from a GEMM and a copy timed on this device now "
                              "(a floor for machines without data-sheet numbers, e.g. a shared CPU)")
-    parser.add_argument("--svd", choices=("randomized", "exact"), default="randomized",
-                        help="top-k SVD used by the decomposition (values do not affect timing; exact is slow on cpu)")
+    parser.add_argument("--svd_solver", choices=("randomized", "exact", "auto"), default="randomized",
+                        help="top-k SVD used by losparse.apply (values do not affect timing; exact is slow on cpu)")
     parser.add_argument("--tolerance", type=float, default=None,
                         help="max relative output difference allowed in --dtype (fp32 check: 1e-3)")
     parser.add_argument("--threads", default=None,
@@ -190,7 +191,8 @@ def build_pair(args: argparse.Namespace, device: torch.device) -> tuple[Any, Any
     info["build_s"] = round(time.perf_counter() - started, 2)
     started = time.perf_counter()
     if not is_compact:
-        compress_for_benchmark(model, args.remaining_ratio, args.low_rank_ratio, seed=args.seed, svd=args.svd)
+        compress_for_benchmark(model, args.remaining_ratio, args.low_rank_ratio, seed=args.seed,
+                               svd_solver=args.svd_solver)
     info["compress_s"] = round(time.perf_counter() - started, 2)
     compact = model.eval()
     report = losparse.parameter_report(compact)
@@ -444,9 +446,7 @@ def format_tables(result: dict[str, Any]) -> str:
            f"(tolerance {result['dtype_tolerance']:g})" if result.get("dtype_check") else ""),
         f"floor: {result['floor_note']}",
         f"peak memory: {result['peak_mem_note']}",
-        f"machine: {result['machine']}; load average (1/5/15 min) at start {result['load_at_start']}, "
-        f"at end {result['load_at_end']}; {result['torch_threads']} torch threads ({result['threads_choice']}); "
-        f"wall {result['wall_s']:.1f} s",
+        machine_line(result),
     ]
     return "\n".join(lines)
 
@@ -457,9 +457,7 @@ def format_tables(result: dict[str, Any]) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     wall_started = _STARTED if argv is None else time.perf_counter()
-    load_at_start = machine_load()["load_avg_1_5_15"]
-    threads, threads_choice = choose_threads(args.threads)
-    print(f"torch CPU threads: {threads} ({threads_choice})", file=sys.stderr)
+    environment = environment_at_start(args.threads)
     for name, value in (("cache_size_limit", 64), ("recompile_limit", 64)):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, value)
@@ -568,26 +566,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         "compress_s": info["compress_s"],
         "repeats": args.repeats,
         "warmup": args.warmup,
-        "machine": f"{platform.node()}: {cpu_name()}, {os.cpu_count()} CPUs",
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "threads_choice": threads_choice,
-        "load_at_start": load_at_start,
-        "load_at_end": machine_load()["load_avg_1_5_15"],
-        "command": ["scripts/benchmark_inference.py"] + (argv if argv is not None else sys.argv[1:]),
     }
     if "note" in info:
         result["note"] = info["note"]
-    import transformers
-
-    result["transformers"] = transformers.__version__
     first = next((r for r in records if "error" not in r), None)
     if first is not None:
         for key in ("dense_ms", "compact_ms", "speedup", "dense_floor_ms", "compact_floor_ms",
                     "dense_peak_mem_mb", "compact_peak_mem_mb"):
             result[key] = first[key]
         result["headline"] = f"{first['mode']}/{first['workload']}"
-    result["wall_s"] = time.perf_counter() - wall_started
+    result.update(environment_record(environment, "scripts/benchmark_inference.py", argv, wall_started))
     print(format_tables(result))
     if args.json:
         directory = os.path.dirname(os.path.abspath(args.json))

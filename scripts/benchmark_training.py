@@ -18,11 +18,9 @@ pruner's own update per step, parameters, and peak GPU memory on CUDA.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -38,13 +36,13 @@ import losparse  # noqa: E402
 from losparse.benchmark import (  # noqa: E402
     ARCHS,
     build_model,
-    choose_threads,
     cpu_name,
+    environment_at_start,
+    environment_record,
     latency_stats,
     load_model,
-    machine_load,
+    machine_line,
     parameter_count,
-    randomized_svd,
 )
 
 GOAL_RATIO = 1.3
@@ -138,8 +136,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2, help="dense/LoSparse runs, interleaved")
     parser.add_argument("--learning_rate", type=float, default=2e-5)
     parser.add_argument("--optim", default="adamw_torch")
-    parser.add_argument("--svd", choices=("randomized", "exact"), default="randomized",
-                        help="top-k SVD used by losparse.apply (values do not affect timing)")
+    parser.add_argument("--svd_solver", choices=("randomized", "exact", "auto"), default="randomized",
+                        help="top-k SVD used by losparse.apply (values do not affect timing; exact is slow on cpu)")
     parser.add_argument("--threads", default=None,
                         help="torch CPU threads: a number, 'auto' or 'default' (default: auto on cpu)")
     parser.add_argument("--seed", type=int, default=0)
@@ -228,9 +226,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"LoSparseTrainer / Trainer step time: {result['ratio']:.3f}× ({verdict} the {GOAL_RATIO}× goal); "
         f"S kept at the end: {result['losparse']['achieved_kept_fraction']:.4f} (target "
         f"{result['final_kept_fraction']:.4f})",
-        f"machine: {result['machine']}; load average (1/5/15 min) at start {result['load_at_start']}, at end "
-        f"{result['load_at_end']}; {result['torch_threads']} torch threads ({result['threads_choice']}); "
-        f"wall {result['wall_s']:.1f} s",
+        machine_line(result),
     ]
     return "\n".join(lines)
 
@@ -238,9 +234,7 @@ def format_table(result: dict[str, Any]) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     wall_started = _STARTED if argv is None else time.perf_counter()
-    load_at_start = machine_load()["load_avg_1_5_15"]
-    threads, threads_choice = choose_threads(args.threads)
-    print(f"torch CPU threads: {threads} ({threads_choice})", file=sys.stderr)
+    environment = environment_at_start(args.threads)
     device = torch.device(args.device)
 
     if args.model_name_or_path:
@@ -255,13 +249,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     dense.train()
     config = losparse.LoSparseConfig(
         remaining_ratio=args.remaining_ratio, low_rank_ratio=args.low_rank_ratio, pruning_warmup_steps=0,
-        pruning_final_steps=0, pruning_interval=args.pruning_interval,
+        pruning_final_steps=0, pruning_interval=args.pruning_interval, svd_solver=args.svd_solver,
     )
     decomposed = copy.deepcopy(dense)
     torch.manual_seed(args.seed)
     try:
-        with randomized_svd() if args.svd == "randomized" else contextlib.nullcontext():
-            losparse.apply(decomposed, config)
+        losparse.apply(decomposed, config)
     except losparse.LoSparseUsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -321,19 +314,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     result["within_goal"] = result["ratio"] <= GOAL_RATIO
     result["dense_params"] = result["dense"]["params"]
     result["losparse_params"] = result["losparse"]["params"]
-    result.update({
-        "machine": f"{platform.node()}: {cpu_name()}, {os.cpu_count()} CPUs",
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "threads_choice": threads_choice,
-        "load_at_start": load_at_start,
-        "load_at_end": machine_load()["load_avg_1_5_15"],
-        "command": ["scripts/benchmark_training.py"] + (argv if argv is not None else sys.argv[1:]),
-    })
-    import transformers
-
-    result["transformers"] = transformers.__version__
-    result["wall_s"] = time.perf_counter() - wall_started
+    result.update(environment_record(environment, "scripts/benchmark_training.py", argv, wall_started))
     print(format_table(result))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -17,6 +17,9 @@ from losparse import LoSparseConfig, LoSparseUsageError
         ({"pruning_warmup_ratio": 0.6, "pruning_final_ratio": 0.5}, "must be below 1"),
         ({"pruning_interval": 0}, "--pruning_interval 0 must be >= 1"),
         ({"pruning_final_steps": -3}, "--pruning_final_steps -3 must be >= 0"),
+        ({"svd_solver": "qr"}, "--svd_solver 'qr' is not known"),
+        ({"svd_device": "gpu0"}, "--svd_device 'gpu0' is not a device"),
+        ({"svd_device": "meta"}, "--svd_device 'meta': only 'auto', 'cpu' and"),
     ],
 )
 def test_bad_values_are_rejected_with_the_value_named(kwargs, fragment):

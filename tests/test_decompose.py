@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from losparse import LoSparseConfig, LoSparseLinear, LoSparseUsageError, apply, find_target_modules, rank_for_ratio
-from losparse.decompose import decompose_linear, svd_split
+from losparse.decompose import decompose_linear, randomized_top_svd, svd_split, use_randomized_svd
 
 
 def _bert():
@@ -52,6 +52,61 @@ def test_svd_split_puts_sqrt_sigma_on_both_sides():
     sigma = torch.linalg.svdvals(weight)[:3]
     assert torch.allclose(u.norm(dim=0), sigma.sqrt(), atol=1e-10)
     assert torch.allclose(v.norm(dim=1), sigma.sqrt(), atol=1e-10)
+
+
+def _trained_like_weight(out_features: int, in_features: int, seed: int = 0) -> torch.Tensor:
+    """Noise plus a low-rank part with a decaying spectrum, the shape of a trained weight's spectrum."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(out_features, in_features, generator=generator) / in_features**0.5
+    decay = torch.logspace(0, -1.5, 48)
+    structure = (torch.randn(out_features, 48, generator=generator) * decay) @ torch.randn(48, in_features, generator=generator)
+    return noise + structure / 8
+
+
+def test_randomized_svd_matches_the_exact_svd():
+    weight = _trained_like_weight(300, 520)
+    rank = 20
+    left, sigma, right_t = randomized_top_svd(weight, rank)
+    exact = torch.linalg.svdvals(weight)
+    assert left.shape == (300, rank) and sigma.shape == (rank,) and right_t.shape == (rank, 520)
+    torch.testing.assert_close(sigma, exact[:rank], rtol=2e-3, atol=0)
+    approximation = (left * sigma).double() @ right_t.double()
+    optimal_residual = torch.linalg.svdvals(weight.double())[rank:].pow(2).sum().sqrt()
+    assert (weight.double() - approximation).norm() <= optimal_residual * 1.001
+    torch.testing.assert_close(left.T @ left, torch.eye(rank), atol=1e-4, rtol=0)
+
+
+def test_randomized_svd_is_reproducible():
+    weight = _trained_like_weight(64, 96)
+    first, second = randomized_top_svd(weight, 8), randomized_top_svd(weight, 8)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("solver", ["exact", "randomized"])
+def test_svd_split_solvers_agree_and_keep_the_layer_exact(solver):
+    linear = nn.Linear(96, 64)
+    with torch.no_grad():
+        linear.weight.copy_(_trained_like_weight(64, 96))
+    layer = decompose_linear(linear, low_rank_ratio=0.2, svd_solver=solver)
+    torch.testing.assert_close(layer.effective_weight(), linear.weight, atol=1e-5, rtol=1e-5)
+    u_exact, v_exact = svd_split(linear.weight, layer.rank, "exact")
+    torch.testing.assert_close(layer.low_rank_u @ layer.low_rank_v, u_exact @ v_exact, atol=1e-3, rtol=0)
+
+
+def test_auto_solver_goes_randomized_only_for_big_matrices():
+    assert not use_randomized_svd((768, 3072), 31, "auto")
+    assert use_randomized_svd((4096, 11008), 150, "auto")
+    assert not use_randomized_svd((4096, 11008), 2000, "auto")
+    assert use_randomized_svd((8, 8), 2, "randomized") and not use_randomized_svd((4096, 4096), 8, "exact")
+
+
+def test_svd_on_a_missing_gpu_is_a_usage_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model = _bert()
+    with pytest.raises(LoSparseUsageError, match="--svd_device 'cuda': no CUDA GPU is visible"):
+        apply(model, LoSparseConfig(svd_device="cuda"))
+    assert not any(isinstance(m, LoSparseLinear) for m in model.modules())
 
 
 @pytest.mark.parametrize("bias", [True, False])
