@@ -196,11 +196,12 @@ def check_output_dir(output_dir: Optional[str], overwrite: bool, resume_from_che
 
 def check_targets_before_loading(model_name_or_path: str, auto_class: Any, losparse_config: Any,
                                  cache_dir: Optional[str] = None, **config_kwargs: Any) -> None:
-    """Build the model skeleton on the meta device (no weights) and check the targets match something."""
+    """Build the model skeleton on the meta device (no weights), check the targets match something and
+    the SVD device exists."""
     import torch
     from transformers import AutoConfig
 
-    from .decompose import require_targets
+    from .decompose import require_targets, resolve_svd_device
 
     try:
         model_config = AutoConfig.from_pretrained(model_name_or_path, cache_dir=cache_dir, **config_kwargs)
@@ -211,6 +212,7 @@ def check_targets_before_loading(model_name_or_path: str, auto_class: Any, lospa
     with torch.device("meta"):
         skeleton = auto_class.from_config(model_config)
     require_targets(skeleton, losparse_config)
+    resolve_svd_device(losparse_config.svd_device, torch.device("cpu"))
 
 
 def write_json(path: str, payload: dict[str, Any]) -> None:

@@ -87,6 +87,9 @@ def resolve_svd_device(svd_device: str, weight_device: torch.device) -> torch.de
         device = torch.device(svd_device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise LoSparseUsageError(f"--svd_device {svd_device!r}: no CUDA GPU is visible; use 'auto' or 'cpu'")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise LoSparseUsageError(f"--svd_device {svd_device!r}: only {torch.cuda.device_count()} GPU(s) are "
+                                     "visible (cuda:0 ...)")
         return device
     if weight_device.type == "cpu" and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())

@@ -81,6 +81,7 @@ def no_loading(monkeypatch):
         (["--config", "no/such.yaml"], "--config 'no/such.yaml' does not exist"),
         (["--method", "magic"], "--method 'magic' is not known; choose one of: losparse, finetune"),
         (["--target_modules", r"nothing\.matches"], "no module matches the targets"),
+        (["--svd_device", "cuda:7"], "--svd_device 'cuda:7'"),
         (["--task_name", "mnlii", "--no-files"], "--task_name 'mnlii' is not a GLUE task"),
     ],
 )
