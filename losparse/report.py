@@ -363,6 +363,7 @@ def render_generic_table(records: Sequence[Mapping[str, Any]], decimals: int = 2
     parts = [f"### {title}", "",
              "Mean ± sample std over seeds (metrics in percent); ratio = requested remaining ratio, "
              "achieved = counted from the saved tensors."]
+    repeated_seeds = []
     for (model, task), task_records in sorted(by_task.items(), key=lambda kv: (kv[0][0] or "", kv[0][1] or "")):
         metrics = _quality_metrics(task_records)
         header = ["Method", "Ratio", "Achieved", "Runs", "Seeds"] + metrics
@@ -371,6 +372,8 @@ def render_generic_table(records: Sequence[Mapping[str, Any]], decimals: int = 2
             achieved = [r["achieved_ratio"] for r in runs if r["achieved_ratio"] is not None]
             seeds = sorted({str(r["seed"]) for r in runs if r["seed"] is not None})
             label = method_label(method) + (" + distillation" if distill else "")
+            if len(runs) > len(seeds):
+                repeated_seeds.append(f"{label} {format_ratio(ratio)}")
             row = [label, format_ratio(ratio),
                    f"{statistics.fmean(achieved):.4f}" if achieved else "",
                    str(len(runs)), ", ".join(seeds)]
@@ -378,6 +381,9 @@ def render_generic_table(records: Sequence[Mapping[str, Any]], decimals: int = 2
                 row.append(format_ours([r["metrics"][metric] for r in runs if metric in r["metrics"]], decimals))
             rows.append(row)
         parts += ["", f"**{model or 'unknown model'} · {task or 'local data'}**", "", _markdown_table(header, rows)]
+    if repeated_seeds:
+        parts += ["", f"Warning: {', '.join(repeated_seeds)} average several runs with the same seed, i.e. runs with "
+                      "other settings (epochs, learning rate, ...); report their directories separately."]
     return "\n".join(parts)
 
 

@@ -146,6 +146,17 @@ def test_render_table_1(runs):
     assert "deberta-v3-base · rte" in generic and f"68.00 ± {statistics.stdev([70.0, 66.0]):.2f}" in generic
 
 
+def test_generic_table_warns_when_runs_share_a_seed(tmp_path):
+    root = tmp_path / "outputs"
+    write_run(root, "one-epoch", "itp", 0.1, 42, "rte", {"accuracy": 0.70})
+    write_run(root, "three-epochs", "itp", 0.1, 42, "rte", {"accuracy": 0.74})
+    write_run(root, "other", "losparse", 0.1, 42, "rte", {"accuracy": 0.72})
+    generic = render_table(collect_results(root), "claim")
+    assert "Warning: ITP 10% average several runs with the same seed" in generic
+    assert "LoSparse 10%" not in generic.split("Warning:")[1]
+    assert "Warning" not in render_table(collect_results(root / "other"), "claim")
+
+
 def test_cli_writes_markdown_and_plots(runs, tmp_path, capsys):
     md = tmp_path / "report" / "report.md"
     plots = tmp_path / "plots"
