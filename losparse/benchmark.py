@@ -474,6 +474,13 @@ def choose_threads(requested: Optional[str]) -> tuple[int, str]:
     return threads, "--threads"
 
 
+def threads_flag_error(value: str) -> Optional[str]:
+    """The message for a bad `--threads` value (a positive number, 'auto' or 'default'), or None if it is fine."""
+    if value in ("auto", "default") or (value.isdigit() and int(value) >= 1):
+        return None
+    return f"--threads {value!r}: give a positive number, 'auto' or 'default'"
+
+
 def cpu_name() -> str:
     """The CPU's model name (from /proc/cpuinfo where there is one)."""
     import platform

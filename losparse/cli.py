@@ -196,12 +196,11 @@ def check_output_dir(output_dir: Optional[str], overwrite: bool, resume_from_che
 
 def check_targets_before_loading(model_name_or_path: str, auto_class: Any, losparse_config: Any,
                                  cache_dir: Optional[str] = None, **config_kwargs: Any) -> None:
-    """Build the model skeleton on the meta device (no weights), check the targets match something and
-    the SVD device exists."""
+    """Build the model skeleton on the meta device (no weights) and check the targets match something."""
     import torch
     from transformers import AutoConfig
 
-    from .decompose import require_targets, resolve_svd_device
+    from .decompose import require_targets
 
     try:
         model_config = AutoConfig.from_pretrained(model_name_or_path, cache_dir=cache_dir, **config_kwargs)
@@ -212,7 +211,6 @@ def check_targets_before_loading(model_name_or_path: str, auto_class: Any, lospa
     with torch.device("meta"):
         skeleton = auto_class.from_config(model_config)
     require_targets(skeleton, losparse_config)
-    resolve_svd_device(losparse_config.svd_device, torch.device("cpu"))
 
 
 def write_json(path: str, payload: dict[str, Any]) -> None:
@@ -243,6 +241,11 @@ def start_run(model_args: Any, losparse_config: Any, run_args: Any, training_arg
 
     check_output_dir(training_args.output_dir, run_args.overwrite_output_dir, training_args.resume_from_checkpoint)
     if losparse_config.method_spec.decomposes:
+        import torch
+
+        from .decompose import resolve_svd_device
+
+        resolve_svd_device(losparse_config.svd_device, torch.device("cpu"))
         check_targets_before_loading(model_args.model_name_or_path, auto_class, losparse_config,
                                      cache_dir=model_args.cache_dir)
     setup_logging(training_args)

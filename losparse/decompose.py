@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import time
 from typing import Iterable, Optional
@@ -82,7 +83,11 @@ RANDOMIZED_SVD_MIN_DIM = 2048
 
 
 def resolve_svd_device(svd_device: str, weight_device: torch.device) -> torch.device:
-    """The device the SVD runs on: the named one, or for 'auto' the current GPU if any, else the weight's."""
+    """The device the SVD runs on: the named one, or for 'auto' this process's GPU if any, else the weight's.
+
+    "This process's GPU" is cuda:LOCAL_RANK under torchrun / accelerate launch (the model is built
+    before the Trainer selects the device), else the current CUDA device.
+    """
     if svd_device != "auto":
         device = torch.device(svd_device)
         if device.type == "cuda" and not torch.cuda.is_available():
@@ -92,6 +97,9 @@ def resolve_svd_device(svd_device: str, weight_device: torch.device) -> torch.de
                                      "visible (cuda:0 ...)")
         return device
     if weight_device.type == "cpu" and torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", -1))
+        if 0 <= local_rank < torch.cuda.device_count():
+            return torch.device("cuda", local_rank)
         return torch.device("cuda", torch.cuda.current_device())
     return weight_device
 

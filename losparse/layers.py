@@ -199,10 +199,10 @@ class CompactLoSparseLinear(_DecomposedLinear):
             z = F.linear(x, self.fused_weight)
             if rank:
                 y = F.linear(z[..., :rank], self.low_rank_u, self.bias)
+            elif self.bias is not None:
+                y = self.bias.expand(*x.shape[:-1], self.out_features).clone(memory_format=torch.contiguous_format)
             else:
                 y = x.new_zeros(*x.shape[:-1], self.out_features)
-                if self.bias is not None:
-                    y = y + self.bias
             if self.num_kept:
                 y.index_add_(-1, self.kept_index, z[..., rank:])
             return y

@@ -58,6 +58,7 @@ from losparse.benchmark import (  # noqa: E402
     output_difference,
     parameter_count,
     random_inputs,
+    threads_flag_error,
 )
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -126,8 +127,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")
     if args.threads is None:
         args.threads = "default" if cuda else "auto"
-    if args.threads not in ("auto", "default") and not (args.threads.isdigit() and int(args.threads) >= 1):
-        parser.error(f"--threads {args.threads!r}: give a positive number, 'auto' or 'default'")
+    if threads_flag_error(args.threads):
+        parser.error(threads_flag_error(args.threads))
     mode_text = args.mode or ("both" if cuda else "eager")
     modes: list[str] = []
     for item in mode_text.split(","):

@@ -34,6 +34,7 @@ from losparse.benchmark import (  # noqa: E402
     environment_at_start,
     environment_record,
     machine_line,
+    threads_flag_error,
 )
 from losparse.decompose import randomized_top_svd, rank_for_ratio  # noqa: E402
 
@@ -56,6 +57,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats} must be >= 1")
+    if threads_flag_error(args.threads):
+        parser.error(threads_flag_error(args.threads))
     if not 0.0 < args.low_rank_ratio < 1.0:
         parser.error(f"--low_rank_ratio {args.low_rank_ratio} must be in (0, 1)")
     try:

@@ -43,6 +43,7 @@ from losparse.benchmark import (  # noqa: E402
     load_model,
     machine_line,
     parameter_count,
+    threads_flag_error,
 )
 
 GOAL_RATIO = 1.3
@@ -152,8 +153,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     if args.threads is None:
         args.threads = "default" if args.device == "cuda" else "auto"
-    if args.threads not in ("auto", "default") and not (args.threads.isdigit() and int(args.threads) >= 1):
-        parser.error(f"--threads {args.threads!r}: give a positive number, 'auto' or 'default'")
+    if threads_flag_error(args.threads):
+        parser.error(threads_flag_error(args.threads))
     for name in ("batch_size", "seq_len", "tgt_len", "steps", "rounds", "pruning_interval"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")

@@ -132,10 +132,13 @@ def test_svd_benchmark_reports_accuracy_and_model_times(tmp_path):
     assert all(row["layers"] == 12 for row in result["models"])
 
 
-def test_svd_benchmark_rejects_bad_shapes():
+@pytest.mark.parametrize("argv", [["--shapes", "60by90"], ["--repeats", "0"], ["--threads", "many"],
+                                  ["--solvers", "exact,qr"]])
+def test_svd_benchmark_rejects_bad_arguments(argv, capsys):
     with pytest.raises(SystemExit) as exc:
-        _script("benchmark_svd").main(["--shapes", "60by90"])
+        _script("benchmark_svd").main(argv)
     assert exc.value.code == 2
+    assert f"{argv[0]}" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------- helpers

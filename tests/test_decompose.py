@@ -101,6 +101,21 @@ def test_auto_solver_goes_randomized_only_for_big_matrices():
     assert use_randomized_svd((8, 8), 2, "randomized") and not use_randomized_svd((4096, 4096), 8, "exact")
 
 
+def test_auto_svd_device_is_this_process_gpu(monkeypatch):
+    from losparse.decompose import resolve_svd_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert resolve_svd_device("auto", torch.device("cpu")) == torch.device("cuda", 2)
+    monkeypatch.setenv("LOCAL_RANK", "6")  # one visible GPU per process: fall back to the current one
+    assert resolve_svd_device("auto", torch.device("cpu")) == torch.device("cuda", 0)
+    monkeypatch.delenv("LOCAL_RANK")
+    assert resolve_svd_device("auto", torch.device("cpu")) == torch.device("cuda", 0)
+    assert resolve_svd_device("cpu", torch.device("cpu")) == torch.device("cpu")
+
+
 def test_svd_on_a_missing_gpu_is_a_usage_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     model = _bert()

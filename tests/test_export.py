@@ -38,6 +38,25 @@ def test_compact_matches_masked_for_any_batch_and_length(prune_dim, dtype, atol)
         torch.testing.assert_close(b.float(), a.float(), atol=atol, rtol=0)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_compact_layer_without_low_rank_part_matches_masked(bias):
+    """Rank 0 (the ITP / movement baselines): the output starts from the bias, which must stay untouched."""
+    torch.manual_seed(0)
+    layer = LoSparseLinear(12, 10, rank=0, bias=bias)
+    with torch.no_grad():
+        layer.sparse.normal_()
+        if bias:
+            layer.bias.normal_()
+    layer.set_sparse_mask(torch.rand(10) > 0.5)
+    compact = CompactLoSparseLinear.from_losparse(layer)
+    bias_before = None if layer.bias is None else compact.bias.detach().clone()
+    with torch.no_grad():
+        for x in (torch.randn(12), torch.randn(3, 12), torch.randn(2, 5, 12)):
+            torch.testing.assert_close(compact(x), layer(x), atol=1e-6, rtol=0)
+    if bias:
+        assert torch.equal(compact.bias, bias_before)
+
+
 def test_compact_stores_only_kept_neurons():
     model = _masked_bert()
     losparse.compact(model)
