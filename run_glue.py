@@ -18,9 +18,9 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Dat
                           TrainingArguments)
 
 from losparse import LoSparseConfig
-from losparse.cli import (ModelArguments, RunArguments, finish_run, load_models, make_trainer, parse_arguments, run_main,
-                          start_run)
+from losparse.cli import RunArguments, finish_run, load_models, make_trainer, parse_arguments, run_main, start_run
 from losparse.distill import DistillationArguments
+from losparse.preflight import check_compression_plan, load_model_config
 from losparse.tasks import glue
 
 logger = logging.getLogger("losparse")
@@ -28,30 +28,31 @@ logger = logging.getLogger("losparse")
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     model_args, data_args, losparse_config, distill_args, run_args, training_args = parse_arguments(
-        (ModelArguments, glue.GlueDataArguments, LoSparseConfig, DistillationArguments, RunArguments, TrainingArguments),
+        (glue.GlueModelArguments, glue.GlueDataArguments, LoSparseConfig, DistillationArguments, RunArguments,
+         TrainingArguments),
         argv,
         description=__doc__.split("\n\n")[0],
     )
     start_run(model_args, losparse_config, run_args, training_args, AutoModelForSequenceClassification)
 
-    raw = glue.load_raw_datasets(data_args, cache_dir=model_args.cache_dir)
-    is_regression, label_list = glue.label_info(raw, data_args)
-    num_labels = 1 if is_regression else len(label_list)
+    # Everything that can be checked without the weights is checked before they load.
+    model_config = load_model_config(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
+    data = glue.load_data(data_args, model_args, model_config)
+    check_compression_plan(losparse_config, model_args.model_name_or_path, AutoModelForSequenceClassification,
+                           model_config, len(data.raw["train"]), training_args, num_labels=data.num_labels)
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path,
                                               cache_dir=model_args.cache_dir)
-    model, teacher = load_models(
-        AutoModelForSequenceClassification, model_args, distill_args, num_labels=num_labels,
-        problem_type="regression" if is_regression else "single_label_classification",
-    )
-    if label_list is not None:
-        model.config.label2id = {str(v): i for i, v in enumerate(label_list)}
-        model.config.id2label = {i: str(v) for i, v in enumerate(label_list)}
-    datasets = glue.preprocess(raw, tokenizer, data_args, label_list)
+    datasets = glue.preprocess(data, tokenizer, data_args)
 
+    model, teacher = load_models(AutoModelForSequenceClassification, model_args, distill_args, **data.model_kwargs(),
+                                 ignore_mismatched_sizes=model_args.ignore_mismatched_sizes)
+    glue.record_labels(model.config, data)
     trainer = make_trainer(
-        Trainer, losparse_config, distill_args, teacher, model=model, args=training_args, train_dataset=datasets["train"],
-        eval_dataset=datasets["validation"], processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=glue.make_compute_metrics(data_args.metric_task, is_regression),
+        Trainer, losparse_config, distill_args, teacher,
+        allow_resume_config_change=run_args.allow_resume_config_change, model=model, args=training_args,
+        train_dataset=datasets["train"], eval_dataset=datasets["validation"], processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=glue.make_compute_metrics(data_args.metric_task, data.is_regression, data.num_labels),
     )
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 

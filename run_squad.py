@@ -23,9 +23,10 @@ from typing import Optional, Sequence
 from transformers import AutoModelForQuestionAnswering, AutoTokenizer, TrainingArguments, default_data_collator
 
 from losparse import LoSparseConfig
-from losparse.cli import (ModelArguments, RunArguments, finish_run, load_models, make_trainer, parse_arguments, run_main,
-                          start_run)
+from losparse.cli import (ModelArguments, RunArguments, finish_run, load_models, make_trainer, parse_arguments,
+                          run_main, start_run)
 from losparse.distill import DistillationArguments
+from losparse.preflight import check_compression_plan, load_model_config
 from losparse.tasks import squad
 
 logger = logging.getLogger("losparse")
@@ -39,14 +40,21 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     )
     start_run(model_args, losparse_config, run_args, training_args, AutoModelForQuestionAnswering)
 
-    raw = squad.load_raw_datasets(data_args, cache_dir=model_args.cache_dir)
+    # Everything that can be checked without the weights is checked before they load; the schedule
+    # needs the number of training windows, so the data is tokenized first.
+    model_config = load_model_config(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
+    raw = squad.load_data(data_args, model_args, model_config)
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path,
                                               cache_dir=model_args.cache_dir)
-    model, teacher = load_models(AutoModelForQuestionAnswering, model_args, distill_args)
     train_features, eval_features, eval_examples = squad.preprocess(raw, tokenizer, data_args)
+    check_compression_plan(losparse_config, model_args.model_name_or_path, AutoModelForQuestionAnswering,
+                           model_config, len(train_features), training_args, unit="training windows")
+
+    model, teacher = load_models(AutoModelForQuestionAnswering, model_args, distill_args)
 
     trainer = make_trainer(
-        squad.QuestionAnsweringTrainer, losparse_config, distill_args, teacher, model=model, args=training_args,
+        squad.QuestionAnsweringTrainer, losparse_config, distill_args, teacher,
+        allow_resume_config_change=run_args.allow_resume_config_change, model=model, args=training_args,
         train_dataset=train_features, eval_dataset=eval_features, eval_examples=eval_examples,
         n_best_size=data_args.n_best_size, max_answer_length=data_args.max_answer_length,
         processing_class=tokenizer, data_collator=default_data_collator,

@@ -21,9 +21,10 @@ from transformers import (AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForS
                           Seq2SeqTrainingArguments)
 
 from losparse import LoSparseConfig, LoSparseUsageError
-from losparse.cli import (ModelArguments, RunArguments, check_output_dir, finish_run, load_models, make_trainer, parse_arguments,
-                          run_main, setup_logging, start_run, write_json)
+from losparse.cli import (ModelArguments, RunArguments, check_output_dir, finish_run, load_models, make_trainer,
+                          parse_arguments, run_main, setup_logging, start_run, write_json)
 from losparse.distill import DistillationArguments
+from losparse.preflight import check_compression_plan, load_model_config
 from losparse.tasks import summarization
 
 logger = logging.getLogger("losparse")
@@ -79,13 +80,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise LoSparseUsageError("--model_name_or_path is required (only --lead3 runs without a model)")
     start_run(model_args, losparse_config, run_args, training_args, AutoModelForSeq2SeqLM)
 
-    raw = summarization.load_raw_datasets(data_args, cache_dir=model_args.cache_dir)
+    # Everything that can be checked without the weights is checked before they load.
+    model_config = load_model_config(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
+    raw = summarization.load_data(data_args, model_args, model_config)
+    check_compression_plan(losparse_config, model_args.model_name_or_path, AutoModelForSeq2SeqLM, model_config,
+                           len(raw["train"]), training_args)
+    if model_config.model_type == "t5" and not data_args.source_prefix:
+        logger.warning("T5 was trained with task prefixes: consider --source_prefix 'summarize: '")
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path,
                                               cache_dir=model_args.cache_dir)
-    model, teacher = load_models(AutoModelForSeq2SeqLM, model_args, distill_args)
-    if model.config.model_type == "t5" and not data_args.source_prefix:
-        logger.warning("T5 was trained with task prefixes: consider --source_prefix 'summarize: '")
     tokenized = summarization.preprocess(raw, tokenizer, data_args)
+
+    model, teacher = load_models(AutoModelForSeq2SeqLM, model_args, distill_args)
 
     if training_args.generation_max_length is None:
         training_args.generation_max_length = data_args.val_max_target_length
@@ -93,7 +99,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         training_args.generation_num_beams = data_args.num_beams
     compute_metrics = summarization.make_compute_metrics(tokenizer)
     trainer = make_trainer(
-        Seq2SeqTrainer, losparse_config, distill_args, teacher, model=model, args=training_args, train_dataset=tokenized["train"],
+        Seq2SeqTrainer, losparse_config, distill_args, teacher,
+        allow_resume_config_change=run_args.allow_resume_config_change, model=model, args=training_args,
+        train_dataset=tokenized["train"],
         eval_dataset=tokenized["validation"], processing_class=tokenizer,
         data_collator=DataCollatorForSeq2Seq(tokenizer, model=model),
         compute_metrics=compute_metrics if training_args.predict_with_generate else None,

@@ -2,6 +2,9 @@
 
 * Timing: `median_latency_ms` (one function) and `interleaved_latency_ms` (several functions timed
   round-robin, so a change in machine load hits all of them alike); CUDA events on a GPU.
+* Timing reliability: `judge_timing` turns the repeats of a comparison and the load average around
+  them into a `TimingVerdict` (reliable or not, and why), which every printed speed-up carries
+  (`annotate`) and every JSON records (`fields`: timing_reliable, timing_warning, timing_check).
 * Size: `parameter_count`, `module_bytes` (parameters + buffers in memory), `weights_size_mb` (on disk).
 * Cost: `LinearCostCounter` counts the FLOPs and bytes of every linear layer (dense `nn.Linear`,
   `LoSparseLinear`, `CompactLoSparseLinear`) during a real call; `floor_ms` turns them into the
@@ -102,6 +105,185 @@ def interleaved_latency_ms(
             if out_of_time and round_index + 1 >= min_repeats:
                 break
     return {name: {**latency_stats(t), "times_ms": [round(x, 4) for x in t]} for name, t in times.items()}
+
+
+# -------------------------------------------------------------------------------- timing reliability
+
+#: timings count as contended when the 1-minute load average (which includes our own busy threads)
+#: exceeds the number of cores by more than this: then something else wanted the cores we timed on.
+LOAD_MARGIN = 0.5
+#: a candidate's repeats are too scattered when their interquartile range exceeds this fraction of
+#: their median (a quiet CPU gives a few percent; contention gives tens of percent).
+SPREAD_LIMIT = 0.2
+#: fewer repeats than this: the spread is not judged (a quartile of two numbers means nothing).
+MIN_REPEATS_FOR_SPREAD = 3
+RERUN_ADVICE = "rerun on a quiet machine"
+
+
+def load_average() -> Optional[float]:
+    """The 1-minute load average, or None where the platform has none."""
+    try:
+        return float(os.getloadavg()[0])
+    except (OSError, AttributeError):  # pragma: no cover - not on every platform
+        return None
+
+
+def relative_spread(times: Any) -> Optional[float]:
+    """Interquartile range / median of a list of times; None with fewer than MIN_REPEATS_FOR_SPREAD values."""
+    values = sorted(float(t) for t in times)
+    if len(values) < MIN_REPEATS_FOR_SPREAD:
+        return None
+    median = statistics.median(values)
+    if median <= 0:
+        return None
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return (q3 - q1) / median
+
+
+@dataclass
+class TimingVerdict:
+    """Whether a set of timings can be trusted, and why not.
+
+    `reliable` is False when a check failed (`reasons` says which, in words to print); checks that
+    could not be made (no load average, too few repeats) are listed in `notes` and do not fail it.
+    """
+
+    reliable: bool
+    reasons: list
+    notes: list
+    load_before: Optional[float] = None
+    load_after: Optional[float] = None
+    cpu_count: Optional[int] = None
+    threads: Optional[int] = None
+    spreads: Optional[dict] = None
+
+    @property
+    def warning(self) -> Optional[str]:
+        """The sentence to print next to a figure (None when the timings are reliable)."""
+        if self.reliable:
+            return None
+        return "; ".join(self.reasons) + f"; {RERUN_ADVICE}"
+
+    def tag(self) -> str:
+        """'' when reliable, else '  [UNRELIABLE: <why>; rerun on a quiet machine]'."""
+        return "" if self.reliable else f"  [UNRELIABLE: {self.warning}]"
+
+    def annotate(self, figure: str) -> str:
+        """`figure` with the tag after it, e.g. '0.73x  [UNRELIABLE: load average 4.6 on 2 cores ...]'."""
+        return figure + self.tag()
+
+    def fields(self) -> dict[str, Any]:
+        """The JSON record: timing_reliable, timing_warning and what was checked (timing_check)."""
+        return {
+            "timing_reliable": self.reliable,
+            "timing_warning": self.warning,
+            "timing_check": {
+                "load_avg_1min_before": None if self.load_before is None else round(self.load_before, 2),
+                "load_avg_1min_after": None if self.load_after is None else round(self.load_after, 2),
+                "cpu_count": self.cpu_count,
+                "threads": self.threads,
+                "relative_spread_iqr": {k: None if v is None else round(v, 4) for k, v in (self.spreads or {}).items()},
+                "load_limit": None if self.cpu_count is None else self.cpu_count + LOAD_MARGIN,
+                "spread_limit": SPREAD_LIMIT,
+                "reasons": list(self.reasons),
+                "notes": list(self.notes),
+            },
+        }
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> "TimingVerdict":
+        """The verdict back from the JSON record `fields()` wrote (e.g. to combine stored records)."""
+        check = fields["timing_check"]
+        return cls(reliable=fields["timing_reliable"], reasons=list(check["reasons"]), notes=list(check["notes"]),
+                   load_before=check["load_avg_1min_before"], load_after=check["load_avg_1min_after"],
+                   cpu_count=check["cpu_count"], threads=check["threads"],
+                   spreads=dict(check["relative_spread_iqr"]))
+
+
+_LOAD_REASON = "load average "
+
+
+def _load_reason(load: float, cpu_count: Optional[int]) -> str:
+    return f"{_LOAD_REASON}{load:.1f} on {cpu_count} cores during timing"
+
+
+def judge_timing(times: dict[str, Any], load_before: Optional[float], load_after: Optional[float],
+                 threads: Optional[int] = None, cpu_count: Optional[int] = None,
+                 spread_limit: float = SPREAD_LIMIT, load_margin: float = LOAD_MARGIN) -> TimingVerdict:
+    """Judge the repeats of one comparison (`{candidate: [times]}`) and the load around them.
+
+    Unreliable when:
+      * the 1-minute load average before or after the timing exceeds cores + `load_margin`: more
+        runnable threads than cores, so the timed code waited for CPU (the load average includes our
+        own threads, so a quiet machine running the benchmark on every core sits near `cores`);
+      * more torch threads than cores were used (the benchmark contended with itself);
+      * a candidate's repeats spread more than `spread_limit` (interquartile range / median): the
+        machine was not steady, whatever the load average (which lags by about a minute) says.
+    `threads` defaults to torch's CPU thread count, `cpu_count` to os.cpu_count().
+    """
+    cpu_count = cpu_count if cpu_count is not None else os.cpu_count()
+    threads = threads if threads is not None else torch.get_num_threads()
+    reasons: list[str] = []
+    notes: list[str] = []
+    loads = [x for x in (load_before, load_after) if x is not None]
+    if not loads or not cpu_count:
+        notes.append("load not checked (no load average or core count on this platform)")
+    elif max(loads) > cpu_count + load_margin:
+        reasons.append(_load_reason(max(loads), cpu_count))
+    if cpu_count and threads and threads > cpu_count:
+        reasons.append(f"{threads} threads on {cpu_count} cores")
+    spreads = {name: relative_spread(values) for name, values in times.items()}
+    for name, spread in spreads.items():
+        n = len(list(times[name]))
+        if spread is None:
+            notes.append(f"spread of {name} not checked ({n} repeat{'s' if n != 1 else ''}; "
+                         f"needs {MIN_REPEATS_FOR_SPREAD})")
+        elif spread > spread_limit:
+            reasons.append(f"{name} repeats spread {100 * spread:.0f}% (IQR/median over {n} repeats; "
+                           f"limit {100 * spread_limit:.0f}%)")
+    return TimingVerdict(reliable=not reasons, reasons=reasons, notes=notes, load_before=load_before,
+                         load_after=load_after, cpu_count=cpu_count, threads=threads, spreads=spreads)
+
+
+def combine_verdicts(verdicts: dict[str, TimingVerdict]) -> TimingVerdict:
+    """One verdict for several (e.g. every workload of a run): unreliable if any is.
+
+    The load is one machine-wide reason (the highest load average of the flagged parts); the other
+    reasons are prefixed with the part's name.
+    """
+    items = list(verdicts.items())
+    if not items:
+        return TimingVerdict(True, [], ["nothing was timed"])
+    loaded = [max(x for x in (v.load_before, v.load_after) if x is not None)
+              for _, v in items if any(r.startswith(_LOAD_REASON) for r in v.reasons)]
+    reasons: list[str] = []
+    if loaded:
+        reasons.append(_load_reason(max(loaded), items[0][1].cpu_count))
+    for name, verdict in items:
+        for reason in verdict.reasons:
+            if reason.startswith(_LOAD_REASON):
+                continue
+            text = reason if len(items) == 1 or reason.endswith("cores") else f"{name}: {reason}"
+            if text not in reasons:
+                reasons.append(text)
+    notes = list(dict.fromkeys(note if len(items) == 1 else f"{name}: {note}"
+                               for name, verdict in items for note in verdict.notes))
+    before = [v.load_before for _, v in items if v.load_before is not None]
+    after = [v.load_after for _, v in items if v.load_after is not None]
+    spreads = {(k if len(items) == 1 else f"{name}/{k}"): s for name, v in items for k, s in (v.spreads or {}).items()}
+    first = items[0][1]
+    return TimingVerdict(reliable=not reasons, reasons=reasons, notes=notes,
+                         load_before=max(before) if before else None, load_after=max(after) if after else None,
+                         cpu_count=first.cpu_count, threads=first.threads, spreads=spreads)
+
+
+def timing_line(verdict: TimingVerdict) -> str:
+    """One line under a benchmark's table: whether its timings can be trusted, and the thresholds."""
+    if not verdict.reliable:
+        return f"timing: UNRELIABLE: {verdict.warning}"
+    checked = f"load average <= cores + {LOAD_MARGIN:g}, repeats' IQR/median <= {100 * SPREAD_LIMIT:.0f}%"
+    unchecked = f" ({'; '.join(verdict.notes)})" if verdict.notes else ""
+    return f"timing: reliable ({checked}){unchecked}"
 
 
 # ----------------------------------------------------------------------------------------------- size

@@ -21,6 +21,8 @@ import json
 import math
 import os
 import re
+import logging
+import shutil
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -49,7 +51,13 @@ class RunArguments:
     )
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Allow writing into an existing non-empty --output_dir (files there may be replaced)."},
+        metadata={"help": "Allow writing into an existing non-empty --output_dir: the previous run's model, results "
+                          "and checkpoints there are removed first (other files are kept)."},
+    )
+    allow_resume_config_change: bool = field(
+        default=False,
+        metadata={"help": "Resume a checkpoint even though its compression settings (ratio, method, schedule, total "
+                          "steps) differ from this run's; by default that is refused."},
     )
 
 
@@ -153,6 +161,10 @@ def _to_flags(values: dict[str, Any]) -> list[str]:
     return flags
 
 
+def _gives_flag(argv: Sequence[str], flag: str) -> bool:
+    return any(arg == flag or arg.startswith(flag + "=") for arg in argv)
+
+
 def parse_arguments(dataclass_types: Sequence[type], argv: Optional[Sequence[str]] = None,
                     description: Optional[str] = None) -> tuple:
     """Parse CLI flags (plus an optional `--config` YAML) into instances of `dataclass_types`."""
@@ -171,6 +183,11 @@ def parse_arguments(dataclass_types: Sequence[type], argv: Optional[Sequence[str
         values = resolve_yaml_config(known.config, known.task_name, known.remaining_ratio,
                                      _field_names(dataclass_types))
         yaml_flags = _to_flags(values)
+    wants_help = _gives_flag(argv, "--help") or _gives_flag(argv, "-h")
+    if "output_dir" in _field_names(dataclass_types) and not wants_help and not _gives_flag(yaml_flags + argv,
+                                                                                             "--output_dir"):
+        # transformers 5 would default it to ./trainer_output and fill the current directory with checkpoints.
+        raise LoSparseUsageError("--output_dir is required (where the compressed model, results and checkpoints go)")
     parser = HfArgumentParser(dataclass_types, description=description)
     try:
         return parser.parse_args_into_dataclasses(args=yaml_flags + argv, look_for_args_file=False)
@@ -184,14 +201,93 @@ def check_output_dir(output_dir: Optional[str], overwrite: bool, resume_from_che
     """Refuse to write into a non-empty directory unless asked to (or resuming a run there)."""
     if not output_dir:
         raise LoSparseUsageError("--output_dir is required")
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise LoSparseUsageError(f"--output_dir {output_dir!r} is an existing file, not a directory")
     if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite and not resume_from_checkpoint:
         raise LoSparseUsageError(
             f"--output_dir {output_dir!r} exists and is not empty; pass --overwrite_output_dir to write into it, "
             "--resume_from_checkpoint to continue a run there, or choose another directory"
         )
-    if resume_from_checkpoint and resume_from_checkpoint not in ("True", "true") and not os.path.isdir(
-            resume_from_checkpoint):
-        raise LoSparseUsageError(f"--resume_from_checkpoint {resume_from_checkpoint!r} is not a directory")
+
+
+#: What a run writes into its output_dir; `--overwrite_output_dir` removes these first, so no loader ever
+#: picks up an artifact of the previous run (e.g. an old compact model beside a new dense one).
+RUN_ARTIFACTS = ("losparse_config.json", "losparse_model.safetensors", "all_results.json", "generations.json")
+
+
+def remove_stale_artifacts(output_dir: str) -> list[str]:
+    """Delete what an earlier run left in `output_dir` that this run will not overwrite (our files only)."""
+    from .checkpoint import list_checkpoints
+
+    removed = []
+    for name in RUN_ARTIFACTS:
+        path = os.path.join(output_dir, name)
+        if os.path.isfile(path):
+            os.remove(path)
+            removed.append(name)
+    for checkpoint in list_checkpoints(output_dir):
+        shutil.rmtree(checkpoint)
+        removed.append(os.path.basename(checkpoint))
+    return removed
+
+
+def _parent_command_line() -> list[str]:
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            return [part.decode(errors="replace") for part in f.read().split(b"\0") if part]
+    except OSError:
+        return []
+
+
+def _flag_value(argv: Sequence[str], flag: str) -> Optional[str]:
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def check_launch(training_args: Any, script: str = "run_glue.py") -> None:
+    """Refuse multi-process launches that would not be one distributed run.
+
+    - `torchrun --nproc_per_node N` on a machine without GPUs and without `--use_cpu true`: the
+      processes never join one process group, so N full runs would race on one output_dir.
+    - `accelerate launch --cpu --num_processes N`: accelerate starts a single process and ignores N.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world_size > 1 and training_args.world_size == 1:
+        raise LoSparseUsageError(
+            f"{world_size} processes were launched (WORLD_SIZE={world_size}) but they are not one distributed run "
+            "(no GPU, and --use_cpu is not set), so each would train the whole model into the same --output_dir; "
+            f"on CPUs run: torchrun --nproc_per_node {world_size} {script} ... --use_cpu true"
+        )
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and world_size == 1:
+        parent = _parent_command_line()
+        requested = _flag_value(parent, "--num_processes")
+        if any("accelerate" in part for part in parent[:3]) and requested and requested.isdigit() and int(requested) > 1:
+            raise LoSparseUsageError(
+                f"accelerate launch --cpu starts one process and ignores --num_processes {requested}; for "
+                f"{requested} CPU processes run: torchrun --nproc_per_node {requested} {script} ... --use_cpu true"
+            )
+
+
+def resolve_resume(model_args: Any, losparse_config: Any, run_args: Any, training_args: Any) -> None:
+    """Check `--resume_from_checkpoint` before anything loads, and pin `true` to one complete checkpoint.
+
+    The checkpoint must be complete (see `losparse.checkpoint`) and written with the same compression
+    settings (the total-steps comparison follows in the trainer, once the data size is known).
+    """
+    from .checkpoint import check_same_compression, resolve_resume_checkpoint
+    from .export import LOSPARSE_CONFIG_FILE
+
+    needs_pruner = losparse_config.method_spec.decomposes and not os.path.isfile(
+        os.path.join(model_args.model_name_or_path, LOSPARSE_CONFIG_FILE))
+    checkpoint = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir,
+                                           needs_pruner=needs_pruner, needs_optimizer=not training_args.save_only_model)
+    training_args.resume_from_checkpoint = checkpoint
+    if checkpoint is not None and needs_pruner:
+        check_same_compression(checkpoint, losparse_config, allow_change=run_args.allow_resume_config_change)
 
 
 def check_targets_before_loading(model_name_or_path: str, auto_class: Any, losparse_config: Any,
@@ -239,7 +335,9 @@ def start_run(model_args: Any, losparse_config: Any, run_args: Any, training_arg
     """Everything before data and weights are loaded: the checks that need neither, logging, seeding."""
     from transformers import set_seed
 
+    check_launch(training_args, script=os.path.basename(sys.argv[0]) or "run_glue.py")
     check_output_dir(training_args.output_dir, run_args.overwrite_output_dir, training_args.resume_from_checkpoint)
+    resolve_resume(model_args, losparse_config, run_args, training_args)
     if losparse_config.method_spec.decomposes:
         import torch
 
@@ -249,6 +347,11 @@ def start_run(model_args: Any, losparse_config: Any, run_args: Any, training_arg
         check_targets_before_loading(model_args.model_name_or_path, auto_class, losparse_config,
                                      cache_dir=model_args.cache_dir)
     setup_logging(training_args)
+    if run_args.overwrite_output_dir and not training_args.resume_from_checkpoint and training_args.should_save:
+        removed = remove_stale_artifacts(training_args.output_dir)
+        if removed:
+            logging.getLogger("losparse").info("--overwrite_output_dir: removed the previous run's %s",
+                                               ", ".join(removed))
     set_seed(training_args.seed)
 
 
@@ -282,7 +385,7 @@ def load_models(auto_class: Any, model_args: Any, distill_args: Any = None, **mo
 
 
 def make_trainer(trainer_class: type, losparse_config: Any, distill_args: Any = None, teacher_model: Any = None,
-                 **trainer_kwargs: Any) -> Any:
+                 allow_resume_config_change: bool = False, **trainer_kwargs: Any) -> Any:
     """`trainer_class` with what the run needs composed in front of it, so any task trainer gains
     pruning and distillation without a copy of it:
       - LoSparse pruning when the method decomposes and the model is not compressed yet (`apply` runs here);
@@ -290,8 +393,9 @@ def make_trainer(trainer_class: type, losparse_config: Any, distill_args: Any = 
     """
     from .decompose import apply, losparse_layers
     from .distill import DistillationTrainerMixin
-    from .trainer import LoSparseTrainerMixin
+    from .trainer import LoSparseTrainerMixin, declare_loss_kwargs
 
+    declare_loss_kwargs(trainer_kwargs["model"])
     bases = [trainer_class]
     if teacher_model is not None:
         bases.insert(0, DistillationTrainerMixin)
@@ -299,6 +403,7 @@ def make_trainer(trainer_class: type, losparse_config: Any, distill_args: Any = 
     if losparse_config.method_spec.decomposes and not losparse_layers(trainer_kwargs["model"]):
         apply(trainer_kwargs["model"], losparse_config)
         bases.insert(0, LoSparseTrainerMixin)
+        trainer_kwargs["allow_resume_config_change"] = allow_resume_config_change
     if len(bases) == 1:
         return trainer_class(**trainer_kwargs)
     names = {LoSparseTrainerMixin: "LoSparse", DistillationTrainerMixin: "Distillation"}
@@ -351,6 +456,7 @@ def finish_run(trainer: Any, tokenizer: Any, evaluate: Callable[[], dict[str, fl
         write_json(os.path.join(output_dir, "all_results.json"), results)
         if report.get("num_layers"):
             logger.info(format_report(report))
+        trainer.log_metrics("eval", metrics)
         logger.info("Saved the model and all_results.json to %s", output_dir)
         return results
     return metrics

@@ -19,6 +19,7 @@ from .methods import METHOD_SPECS, METHODS
 PRUNE_DIMS = ("rows", "columns")
 IMPORTANCE_METRICS = ("sensitivity", "magnitude")
 SVD_SOLVERS = ("auto", "exact", "randomized")
+PRUNING_VARIANTS = ("paper", "reference")
 
 
 @dataclass
@@ -31,7 +32,8 @@ class LoSparseConfig:
 
     method: str = field(
         default="losparse",
-        metadata={"help": "Compression method: " + "; ".join(f"{s.name}: {s.description}" for s in METHOD_SPECS.values())},
+        metadata={"help": ("Compression method: " + "; ".join(f"{s.name}: {s.description}" for s in METHOD_SPECS.values()))
+                  .replace("%", "%%")},  # argparse formats help strings with %
     )
     remaining_ratio: float = field(
         default=0.2,
@@ -82,6 +84,18 @@ class LoSparseConfig:
     pruning_interval: int = field(
         default=10,
         metadata={"help": "Masks are recomputed every this many optimizer steps while the ratio decays (ΔT)."},
+    )
+    pruning_variant: str = field(
+        default="paper",
+        metadata={
+            "help": "Pruning arithmetic. 'paper': Algorithm 1 as printed -- the sensitivity EMA (eq. 3) is updated "
+            "every optimizer step, masks are recomputed every ΔT steps and re-applied after every step, and the kept "
+            "neurons are the best ones whose parameters fit in p_t. 'reference': the public reference code "
+            "(yxli2123/LoSparse): the sensitivity is averaged over each ΔT-step window and folded into the EMA once "
+            "per window, masks are applied only at mask steps (pruned neurons may regrow in between), the schedule "
+            "and mask steps run one step behind, and every neuron scoring at least the k-th smallest entry score "
+            "is kept. See the README's 'Notes, deviations and limits'."
+        },
     )
     svd_solver: str = field(
         default="auto",
@@ -166,6 +180,10 @@ class LoSparseConfig:
                 raise LoSparseUsageError(f"--svd_device {self.svd_device!r}: only 'auto', 'cpu' and 'cuda[:N]' are supported")
         if self.pruning_interval < 1:
             raise LoSparseUsageError(f"--pruning_interval {self.pruning_interval!r} must be >= 1")
+        if self.pruning_variant not in PRUNING_VARIANTS:
+            raise LoSparseUsageError(
+                f"--pruning_variant {self.pruning_variant!r} is not known; choose one of: {', '.join(PRUNING_VARIANTS)}"
+            )
 
     @property
     def method_spec(self):

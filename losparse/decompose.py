@@ -292,7 +292,11 @@ def apply(model: nn.Module, config: LoSparseConfig) -> nn.Module:
         set_submodule(model, name, decompose_linear(linear, share, config.prune_dim, has_sparse=spec.has_sparse,
                                                     rank=rank, svd_solver=config.svd_solver,
                                                     svd_device=config.svd_device))
-    logger.info("Decomposed %d linear layers in %.1f s (SVD: %s on %s)", len(targets), time.perf_counter() - started,
-                config.svd_solver, svd_device)
+    if share is None:
+        logger.info("Wrapped %d linear layers for pruning in %.1f s (no low-rank part, no SVD)", len(targets),
+                    time.perf_counter() - started)
+    else:
+        logger.info("Decomposed %d linear layers in %.1f s (SVD: %s on %s)", len(targets),
+                    time.perf_counter() - started, config.svd_solver, svd_device)
     model.losparse_config = config
     return model

@@ -61,6 +61,7 @@ GLUE_TASK_METRICS: dict[str, tuple[str, ...]] = {
 }
 
 _CLASSIFICATION_DEFAULT: tuple[str, ...] = ("accuracy",)
+_BINARY_DEFAULT: tuple[str, ...] = ("accuracy", "f1")
 _REGRESSION_DEFAULT: tuple[str, ...] = ("pearson", "spearmanr")
 
 
@@ -148,6 +149,7 @@ def glue_metrics(
     predictions: Any,
     references: Any,
     is_regression: bool = False,
+    num_labels: int | None = None,
 ) -> dict[str, float]:
     """Compute the GLUE metrics of ``task_name`` (keys as in HF's ``glue`` metric).
 
@@ -155,8 +157,10 @@ def glue_metrics(
     * sst2, mnli, mnli_matched, mnli_mismatched, qnli, rte, wnli -> ``accuracy``
     * mrpc, qqp -> ``accuracy`` and ``f1`` (binary F1 of class 1)
     * stsb -> ``pearson`` and ``spearmanr`` (scipy.stats)
-    * ``None`` (a user's own dataset) -> ``accuracy``, or ``pearson`` and
-      ``spearmanr`` when ``is_regression``.
+    * ``None`` (a user's own dataset) -> ``accuracy``, plus ``f1`` (of class
+      id 1) when ``num_labels == 2`` — accuracy alone hides a model that always
+      predicts the majority class of an imbalanced binary task — or
+      ``pearson`` and ``spearmanr`` when ``is_regression``.
 
     For a named task the GLUE definition fixes the metrics and ``is_regression``
     is not consulted.  Classification predictions must be class ids (not
@@ -166,7 +170,10 @@ def glue_metrics(
     mismatched inputs, or non-integer class ids.
     """
     if task_name is None:
-        metric_names = _REGRESSION_DEFAULT if is_regression else _CLASSIFICATION_DEFAULT
+        if is_regression:
+            metric_names = _REGRESSION_DEFAULT
+        else:
+            metric_names = _BINARY_DEFAULT if num_labels == 2 else _CLASSIFICATION_DEFAULT
     elif task_name in GLUE_TASK_METRICS:
         metric_names = GLUE_TASK_METRICS[task_name]
     else:

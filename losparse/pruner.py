@@ -8,6 +8,22 @@ Ranking is global: all neurons of all S matrices compete under one threshold. Ne
 different numbers of parameters (a row of a 3072-wide FFN output holds 4× a row of a 768-wide
 one), so the threshold is placed where the kept *parameters* reach p_t of all S parameters — the
 paper's ratio is a parameter ratio.
+
+Two variants (`LoSparseConfig.pruning_variant`):
+  paper      Algorithm 1 as printed: the EMA is updated every step, masks are recomputed every ΔT
+             steps from t_i (every step from T − t_f) and re-applied after every optimizer step, and
+             the kept neurons are the highest-scoring ones whose cumulative parameters fit in p_t.
+  reference  the public reference code's arithmetic (yxli2123/LoSparse, `utils.Pruner`): the
+             sensitivity is averaged over ΔT-step windows and folded into the EMA once per window
+             (`NeuronImportance(window=ΔT)`); schedule and mask steps use g = t − 1
+             (`CubicSchedule(variant="reference")`); pruned neurons are not re-zeroed between mask
+             steps; and the keep rule is "score ≥ the k-th smallest entry score", k = int(N·(1 − p_t))
+             over all N entries of all S (each neuron counted once per parameter, ties all kept), so
+             the kept share is ≥ p_t. Both variants use this project's p_T = Ratio − achieved low-rank
+             share. Deviations from the reference, by choice: p_t ≤ 0 prunes everything (the reference
+             cannot prune to zero), k = 0 keeps everything (the reference would fail), and the mask is
+             re-applied after the last step T if that step is not a mask step, so the trained S matches
+             its mask (in the reference this holds whenever t_f ≥ 2).
 """
 
 from __future__ import annotations
@@ -69,9 +85,11 @@ class LoSparsePruner:
             final_steps=resolve_steps(self.config.pruning_final_steps, self.config.pruning_final_ratio, total_steps),
             final_fraction=self.final_kept_fraction,
             interval=self.config.pruning_interval,
+            variant=self.config.pruning_variant,
         )
         metric = self.config.method_spec.importance or self.config.importance
-        self.importance = NeuronImportance(self.layers, metric, self.config.beta1, self.config.beta2)
+        window = self.config.pruning_interval if self.variant == "reference" else None
+        self.importance = NeuronImportance(self.layers, metric, self.config.beta1, self.config.beta2, window=window)
         device = self.importance.neuron_ema.device
         self.neuron_sizes = torch.cat(
             [torch.full((layer.sparse_mask.numel(),), layer.neuron_size, dtype=torch.float64, device=device)
@@ -81,9 +99,16 @@ class LoSparsePruner:
         self.last_step = 0
         self.kept_fraction = 1.0
 
+    @property
+    def variant(self) -> str:
+        return self.config.pruning_variant
+
     @torch.no_grad()
     def step(self, step: int) -> None:
         """Run after optimizer step number `step` (1-based): update scores, then mask if due."""
+        if self.variant == "reference":
+            self._reference_step(step)
+            return
         self.importance.update()
         self.last_step = step
         if not self.schedule.is_pruning(step):
@@ -94,10 +119,28 @@ class LoSparsePruner:
         else:
             self.apply_masks()
 
+    def _reference_step(self, step: int) -> None:
+        self.importance.update(step)
+        self.last_step = step
+        self.kept_fraction = self.schedule.kept_fraction(step)
+        if self.schedule.is_mask_update_step(step):
+            self.update_masks(self.kept_fraction)
+        elif step >= self.schedule.total_steps and self.schedule.is_pruning(step):
+            self.apply_masks()  # the last step: no regrown row survives into the trained model
+
     @torch.no_grad()
     def update_masks(self, kept_fraction: float) -> None:
-        """Keep the highest-scoring neurons whose parameters fit in `kept_fraction` of all S parameters."""
+        """Recompute the masks for `kept_fraction` of all S parameters with this variant's keep rule.
+
+        `paper`: keep the highest-scoring neurons whose cumulative parameters fit in `kept_fraction`.
+        `reference`: keep every neuron whose score is ≥ the k-th smallest entry score, k = int(N·(1 − p)).
+        """
         if not self.layers:
+            return
+        if self.variant == "reference":
+            keep = self._reference_keep(kept_fraction)
+            for layer, mask in zip(self.layers, torch.split(keep, self.importance.num_neurons)):
+                layer.set_sparse_mask(mask)
             return
         order = torch.argsort(self.importance.scores(), descending=True, stable=True)
         kept_params = torch.cumsum(self.neuron_sizes[order], dim=0)
@@ -106,6 +149,23 @@ class LoSparsePruner:
         keep[order] = keep_sorted
         for layer, mask in zip(self.layers, torch.split(keep, self.importance.num_neurons)):
             layer.set_sparse_mask(mask)
+
+    def _reference_keep(self, kept_fraction: float) -> torch.Tensor:
+        scores = self.importance.scores()
+        if kept_fraction <= 0.0:
+            return torch.zeros_like(scores, dtype=torch.bool)
+        num_entries = int(round(self.total_sparse_params))
+        k = int(num_entries * (1 - kept_fraction))  # the reference's torch.kthvalue(all_scores, k), 1-based k
+        if k <= 0:
+            return torch.ones_like(scores, dtype=torch.bool)
+        # The k-th smallest entry score is the score of the neuron in which the cumulative parameter count,
+        # in ascending score order, first reaches k (each neuron holds neuron_size entries of equal score).
+        order = torch.argsort(scores, stable=True)
+        cumulative = torch.cumsum(self.neuron_sizes[order], dim=0)
+        position = torch.searchsorted(cumulative, torch.full((1,), float(k), dtype=cumulative.dtype,
+                                                             device=cumulative.device))
+        threshold = scores[order[position.clamp_(max=scores.numel() - 1)]]
+        return scores >= threshold
 
     @torch.no_grad()
     def apply_masks(self) -> None:

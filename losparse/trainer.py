@@ -8,17 +8,22 @@ checkpointing of the pruner's state) to any Trainer subclass, so the question-an
 seq2seq trainers compose with it rather than copying it:
 
     class MyQATrainer(LoSparseTrainerMixin, QuestionAnsweringTrainer): ...
+
+Checkpoints are complete-or-absent: the pruner state is written inside `save_model`, i.e. with the
+model weights and before the Trainer writes `trainer_state.json` or rotates older checkpoints out
+(`losparse.checkpoint` decides what is complete and what a resume may continue).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from typing import Any, Optional
 
 from transformers import Seq2SeqTrainer, Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
-
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from .checkpoint import check_same_compression, resolve_resume_checkpoint
 from .config import LoSparseConfig
 from .decompose import apply, losparse_layers
 from .errors import LoSparseUsageError
@@ -42,15 +47,23 @@ def check_training_backend(args: Any) -> None:
 
 
 class LoSparseCallback(TrainerCallback):
-    """Runs `LoSparsePruner.step` once per optimizer step; saves/restores its state with checkpoints."""
+    """Runs `LoSparsePruner.step` once per optimizer step; restores its state when a run resumes.
 
-    def __init__(self, model: Any, config: LoSparseConfig) -> None:
+    Saving is not done here: `on_save` fires after the Trainer has finished (and rotated) a checkpoint,
+    too late for a checkpoint to be complete-or-absent; `LoSparseTrainerMixin.save_model` writes it.
+    """
+
+    def __init__(self, model: Any, config: LoSparseConfig, allow_config_change: bool = False) -> None:
         self.model = model
         self.config = config
+        self.allow_config_change = allow_config_change
         self.pruner: Optional[LoSparsePruner] = None
         self.resume_from: Optional[str] = None
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if self.resume_from is not None:
+            check_same_compression(self.resume_from, self.config, max_steps=state.max_steps,
+                                   allow_change=self.allow_config_change)
         if self.pruner is None:
             self.pruner = LoSparsePruner(self.model, total_steps=state.max_steps, config=self.config)
             schedule = self.pruner.schedule
@@ -63,17 +76,38 @@ class LoSparseCallback(TrainerCallback):
             )
         if self.resume_from is not None:
             if not self.pruner.load(self.resume_from):
-                raise LoSparseUsageError(
-                    f"checkpoint {self.resume_from} holds no LoSparse pruner state; it was not written by a LoSparse run"
-                )
+                raise LoSparseUsageError(f"checkpoint {self.resume_from} holds no LoSparse pruner state")
             logger.info("LoSparse: resumed pruner state from %s (step %d)", self.resume_from, self.pruner.last_step)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.pruner.step(state.global_step + 1)
 
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero and self.pruner is not None:
-            self.pruner.save(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+
+def loss_uses_num_items(model: Any) -> bool:
+    """Whether `model.forward` normalises its loss by the Trainer's `num_items_in_batch`.
+
+    The Trainer assumes it does for every model whose `forward` takes `**kwargs` — in transformers 5 that
+    is nearly all of them, including BERT/DeBERTa/BART heads whose loss is a plain per-batch mean. For
+    those it then skips the division by the gradient-accumulation steps and multiplies the loss by the
+    number of processes, so DDP runs report (and train on) a loss N times too large. Only models whose
+    forward hands its kwargs to `self.loss_function` (the causal-LM losses) really use the count.
+    """
+    forward = type(model).forward
+    try:
+        source = inspect.getsource(forward)
+    except (OSError, TypeError):
+        return False
+    return "self.loss_function(" in source and "**kwargs" in source
+
+
+def declare_loss_kwargs(model: Any) -> None:
+    """Tell the Trainer whether the model's loss uses `num_items_in_batch` (see `loss_uses_num_items`).
+
+    Uses the Trainer's own switch, the `accepts_loss_kwargs` model attribute, and leaves a value the model
+    (or the user) already set alone.
+    """
+    if "accepts_loss_kwargs" not in vars(type(model)) and "accepts_loss_kwargs" not in vars(model):
+        model.accepts_loss_kwargs = loss_uses_num_items(model)
 
 
 class LoSparseTrainerMixin:
@@ -85,7 +119,8 @@ class LoSparseTrainerMixin:
     After `train()`, `self.pruner` holds the pruner (its masks are already in the model).
     """
 
-    def __init__(self, *args: Any, losparse_config: Optional[LoSparseConfig] = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, losparse_config: Optional[LoSparseConfig] = None,
+                 allow_resume_config_change: bool = False, **kwargs: Any) -> None:
         model = kwargs.get("model", args[0] if args else None)
         if model is None:
             raise LoSparseUsageError("LoSparseTrainer needs a model")
@@ -98,8 +133,9 @@ class LoSparseTrainerMixin:
             )
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         check_training_backend(training_args)
+        declare_loss_kwargs(model)
         super().__init__(*args, **kwargs)
-        self.losparse_callback = LoSparseCallback(model, config)
+        self.losparse_callback = LoSparseCallback(model, config, allow_config_change=allow_resume_config_change)
         self.add_callback(self.losparse_callback)
 
     @property
@@ -113,12 +149,20 @@ class LoSparseTrainerMixin:
         super().log(logs, *args, **kwargs)
 
     def train(self, resume_from_checkpoint: Optional[str | bool] = None, *args: Any, **kwargs: Any):
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise LoSparseUsageError(f"--resume_from_checkpoint: no checkpoint found in {self.args.output_dir}")
-        self.losparse_callback.resume_from = resume_from_checkpoint or None
+        """`Trainer.train`; `resume_from_checkpoint=True` picks the newest *complete* checkpoint."""
+        resume_from_checkpoint = resolve_resume_checkpoint(
+            resume_from_checkpoint, self.args.output_dir, needs_pruner=True,
+            needs_optimizer=not self.args.save_only_model)
+        self.losparse_callback.resume_from = resume_from_checkpoint
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        """Save the model; inside a checkpoint also the pruner state, before the checkpoint counts as done."""
+        super().save_model(output_dir, _internal_call=_internal_call)
+        pruner = self.losparse_callback.pruner
+        if (_internal_call and output_dir and pruner is not None and self.args.should_save
+                and os.path.basename(os.path.normpath(output_dir)).startswith(f"{PREFIX_CHECKPOINT_DIR}-")):
+            pruner.save(output_dir)
 
 
 class LoSparseTrainer(LoSparseTrainerMixin, Trainer):

@@ -43,13 +43,17 @@ import losparse  # noqa: E402
 from losparse.benchmark import (  # noqa: E402
     ARCHS,
     LinearCostCounter,
+    TimingVerdict,
     build_model,
+    combine_verdicts,
     cpu_name,
     compress_for_benchmark,
     environment_at_start,
     environment_record,
     floor_ms,
     interleaved_latency_ms,
+    judge_timing,
+    load_average,
     load_model,
     machine_line,
     machine_load,
@@ -59,6 +63,7 @@ from losparse.benchmark import (  # noqa: E402
     parameter_count,
     random_inputs,
     threads_flag_error,
+    timing_line,
 )
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -334,7 +339,9 @@ def run_workload(args: argparse.Namespace, workload: Workload, mode: str, models
             raise OutputsDisagree(f"{mode}/{workload.name}: compact and dense outputs differ by "
                                   f"{diff['max_rel_diff']:.3g} (relative) > {tolerance:g}")
     del outputs
+    load_before = load_average()
     stats = interleaved_latency_ms(fns, warmup=warmup, repeats=args.repeats, max_seconds=args.max_seconds, cuda=cuda)
+    verdict = judge_timing({name: s["times_ms"] for name, s in stats.items()}, load_before, load_average())
     for name in ("dense", "compact"):
         s = stats[name]
         record[f"{name}_ms"] = s["median_ms"]
@@ -357,6 +364,7 @@ def run_workload(args: argparse.Namespace, workload: Workload, mode: str, models
             record[f"{name}_peak_mem_mb"] = module_bytes(models[name]) / 2**20
     record["speedup"] = record["dense_ms"] / record["compact_ms"]
     record["load_avg"] = machine_load()["load_avg_1_5_15"]
+    record.update(verdict.fields())
     return record
 
 
@@ -380,6 +388,8 @@ def decode_record(records: list[dict[str, Any]], mode: str, new_tokens: int) -> 
     record["speedup"] = record["dense_ms"] / record["compact_ms"] if record["compact_ms"] > 0 else None
     record["tokens_agree"] = many.get("tokens_agree")
     record["load_avg"] = many["load_avg"]
+    record.update(combine_verdicts({"generate_new1": TimingVerdict.from_fields(one),
+                                    f"generate_new{new_tokens}": TimingVerdict.from_fields(many)}).fields())
     return record
 
 
@@ -402,6 +412,12 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 def _mb(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:,.1f}"
+
+
+def speedup_cell(record: dict[str, Any]) -> str:
+    """The speed-up as printed: the figure, then [UNRELIABLE: why] when its timings cannot be trusted."""
+    figure = f"{_fmt(record['speedup'])}×"
+    return TimingVerdict.from_fields(record).annotate(figure) if "timing_check" in record else figure
 
 
 def format_tables(result: dict[str, Any]) -> str:
@@ -428,7 +444,7 @@ def format_tables(result: dict[str, Any]) -> str:
             check = ""
         lines.append(
             f"| {r['mode']} | {r['workload']} | {_fmt(r['dense_ms'])} ({_fmt(r['dense_floor_ms'], 3)}) | "
-            f"{_fmt(r['compact_ms'])} ({_fmt(r['compact_floor_ms'], 3)}) | {_fmt(r['speedup'])}× | "
+            f"{_fmt(r['compact_ms'])} ({_fmt(r['compact_floor_ms'], 3)}) | {speedup_cell(r)} | "
             f"{_fmt(r['dense_tokens_per_s'], 1)} | {_fmt(r['compact_tokens_per_s'], 1)} | {check} | "
             f"{_fmt(load[0] if load else None)} |"
         )
@@ -447,6 +463,7 @@ def format_tables(result: dict[str, Any]) -> str:
            f"(tolerance {result['dtype_tolerance']:g})" if result.get("dtype_check") else ""),
         f"floor: {result['floor_note']}",
         f"peak memory: {result['peak_mem_note']}",
+        timing_line(TimingVerdict.from_fields(result)),
         machine_line(result),
     ]
     return "\n".join(lines)
@@ -576,6 +593,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                     "dense_peak_mem_mb", "compact_peak_mem_mb"):
             result[key] = first[key]
         result["headline"] = f"{first['mode']}/{first['workload']}"
+    # One verdict for the run: unreliable if the timings of any workload are (the headline is the first);
+    # decode is derived from two generate records, which are in it already.
+    timed = {f"{r['mode']}/{r['workload']}": TimingVerdict.from_fields(r) for r in records
+             if "timing_check" in r and "derived_from" not in r}
+    result.update(combine_verdicts(timed).fields())
     result.update(environment_record(environment, "scripts/benchmark_inference.py", argv, wall_started))
     print(format_tables(result))
     if args.json:

@@ -30,11 +30,16 @@ import torch  # noqa: E402
 import losparse  # noqa: E402
 from losparse.benchmark import (  # noqa: E402
     ARCHS,
+    TimingVerdict,
     build_model,
+    combine_verdicts,
     environment_at_start,
     environment_record,
+    judge_timing,
+    load_average,
     machine_line,
     threads_flag_error,
+    timing_line,
 )
 from losparse.decompose import randomized_top_svd, rank_for_ratio  # noqa: E402
 
@@ -81,8 +86,8 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, device: str, repeats: int) -> tuple[float, Any]:
-    """(median seconds over `repeats` runs after one warm-up, last result)."""
+def timed(fn, device: str, repeats: int) -> tuple[float, Any, list[float]]:
+    """(median seconds over `repeats` runs after one warm-up, last result, every run's seconds)."""
     result = fn()
     times = []
     for _ in range(repeats):
@@ -91,7 +96,7 @@ def timed(fn, device: str, repeats: int) -> tuple[float, Any]:
         result = fn()
         synchronize(device)
         times.append(time.perf_counter() - started)
-    return sorted(times)[len(times) // 2], result
+    return sorted(times)[len(times) // 2], result, times
 
 
 def trained_like_weight(out_features: int, in_features: int, device: str) -> torch.Tensor:
@@ -109,9 +114,12 @@ def matrix_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     for out_features, in_features in args.shape_list:
         weight = trained_like_weight(out_features, in_features, args.device)
         rank = rank_for_ratio(out_features, in_features, args.low_rank_ratio)
-        exact_s, (_, sigma, _) = timed(lambda: torch.linalg.svd(weight, full_matrices=False), args.device, args.repeats)
-        randomized_s, (left, top_sigma, right_t) = timed(lambda: randomized_top_svd(weight, rank), args.device,
-                                                         args.repeats)
+        load_before = load_average()
+        exact_s, (_, sigma, _), exact_times = timed(lambda: torch.linalg.svd(weight, full_matrices=False),
+                                                    args.device, args.repeats)
+        randomized_s, (left, top_sigma, right_t), randomized_times = timed(
+            lambda: randomized_top_svd(weight, rank), args.device, args.repeats)
+        verdict = judge_timing({"exact": exact_times, "randomized": randomized_times}, load_before, load_average())
         residual = float((weight.double() - (left * top_sigma).double() @ right_t.double()).norm())
         optimal = float(sigma[rank:].double().pow(2).sum().sqrt())
         rows.append({
@@ -119,12 +127,15 @@ def matrix_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
             "speedup": exact_s / randomized_s,
             "sigma_max_rel_err": float(((top_sigma - sigma[:rank]).abs() / sigma[:rank]).max()),
             "residual_over_optimal": residual / optimal if optimal > 0 else float("nan"),
+            "exact_times_s": exact_times, "randomized_times_s": randomized_times, **verdict.fields(),
         })
     return rows
 
 
-def model_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+def model_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], TimingVerdict]:
+    """One timed `losparse.apply` per solver, and the verdict on them (one run each: the load only)."""
     rows = []
+    load_before = load_average()
     for solver in args.solver_list:
         model = build_model(args.arch, device=args.device)
         config = losparse.LoSparseConfig(remaining_ratio=min(1.0, args.low_rank_ratio + 0.15),
@@ -138,7 +149,7 @@ def model_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
         rows.append({"arch": args.arch, "svd_solver": solver, "layers": layers,
                      "apply_s": time.perf_counter() - started})
         del model
-    return rows
+    return rows, judge_timing({}, load_before, load_average())
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -154,17 +165,25 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("| shape | rank | exact | randomized | speed-up | max rel. error of σ_1..k | residual / optimal |")
         print("|---|---|---|---|---|---|---|")
         for row in results["matrices"]:
+            speedup = TimingVerdict.from_fields(row).annotate(f"{row['speedup']:.1f}×")
             print(f"| {row['shape']} | {row['rank']} | {row['exact_s'] * 1e3:.1f} ms | {row['randomized_s'] * 1e3:.1f} ms"
-                  f" | {row['speedup']:.1f}× | {row['sigma_max_rel_err']:.2e} | {row['residual_over_optimal']:.5f} |")
+                  f" | {speedup} | {row['sigma_max_rel_err']:.2e} | {row['residual_over_optimal']:.5f} |")
     if not args.no_model:
-        results["models"] = model_rows(args)
+        results["models"], models_verdict = model_rows(args)
+        results["models_timing"] = models_verdict.fields()
         print(f"\n### losparse.apply of a whole {args.arch} (random weights, fp32, r = {args.low_rank_ratio})\n")
         print("| svd_solver | layers | time |")
         print("|---|---|---|")
         for row in results["models"]:
-            print(f"| {row['svd_solver']} | {row['layers']} | {row['apply_s']:.2f} s |")
+            apply_time = models_verdict.annotate(f"{row['apply_s']:.2f} s")
+            print(f"| {row['svd_solver']} | {row['layers']} | {apply_time} |")
+    verdicts = {row["shape"]: TimingVerdict.from_fields(row) for row in results.get("matrices", [])}
+    if "models_timing" in results:
+        verdicts[f"apply {args.arch}"] = TimingVerdict.from_fields(results["models_timing"])
+    results.update(combine_verdicts(verdicts).fields())
     results.update(environment_record(environment, "scripts/benchmark_svd.py", argv, wall_started))
-    print("\n" + machine_line(results))
+    print("\n" + timing_line(TimingVerdict.from_fields(results)))
+    print(machine_line(results))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

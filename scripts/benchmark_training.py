@@ -35,15 +35,19 @@ from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E4
 import losparse  # noqa: E402
 from losparse.benchmark import (  # noqa: E402
     ARCHS,
+    TimingVerdict,
     build_model,
     cpu_name,
     environment_at_start,
     environment_record,
+    judge_timing,
     latency_stats,
+    load_average,
     load_model,
     machine_line,
     parameter_count,
     threads_flag_error,
+    timing_line,
 )
 
 GOAL_RATIO = 1.3
@@ -222,11 +226,15 @@ def format_table(result: dict[str, Any]) -> str:
             f"{row['p90_ms']:.1f} | {row['n']} | {pruner} | {peak} |"
         )
     verdict = "within" if result["ratio"] <= GOAL_RATIO else "above"
+    timing = TimingVerdict.from_fields(result)
+    ratio = timing.annotate(f"{result['ratio']:.3f}×")
     lines += [
         "",
-        f"LoSparseTrainer / Trainer step time: {result['ratio']:.3f}× ({verdict} the {GOAL_RATIO}× goal); "
+        f"LoSparseTrainer / Trainer step time: {ratio} "
+        f"({verdict} the {GOAL_RATIO}× goal); "
         f"S kept at the end: {result['losparse']['achieved_kept_fraction']:.4f} (target "
         f"{result['final_kept_fraction']:.4f})",
+        timing_line(timing),
         machine_line(result),
     ]
     return "\n".join(lines)
@@ -266,12 +274,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     dataset = RandomTokens(args.batch_size * (args.warmup_steps + args.steps), kind, vocab, args.seq_len,
                            args.tgt_len, getattr(dense.config, "num_labels", 2), seed=args.seed)
     runs: dict[str, list[dict[str, Any]]] = {"dense": [], "losparse": []}
+    load_before = load_average()
     with tempfile.TemporaryDirectory(prefix="losparse-bench-") as output_dir:
         for round_index in range(args.rounds):
             order = ("dense", "losparse") if round_index % 2 == 0 else ("losparse", "dense")
             for name in order:
                 print(f"round {round_index + 1}/{args.rounds}: {name} ...", file=sys.stderr)
                 runs[name].append(run_once(args, name, models[name], dataset, output_dir))
+    load_after = load_average()
 
     result: dict[str, Any] = {
         "arch": args.arch,
@@ -313,6 +323,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     result["ratio"] = result["losparse_step_ms"] / result["dense_step_ms"]
     result["goal_ratio"] = GOAL_RATIO
     result["within_goal"] = result["ratio"] <= GOAL_RATIO
+    timing = judge_timing({"Trainer": result["dense"]["step_ms"], "LoSparseTrainer": result["losparse"]["step_ms"]},
+                          load_before, load_after)
+    result.update(timing.fields())
     result["dense_params"] = result["dense"]["params"]
     result["losparse_params"] = result["losparse"]["params"]
     result.update(environment_record(environment, "scripts/benchmark_training.py", argv, wall_started))

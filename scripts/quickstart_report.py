@@ -5,7 +5,11 @@
         --compressed outputs/quickstart/losparse-20 --validation_file .../validation.csv
 
 Accuracy comes from each run's all_results.json (the compressed one is measured on the compact model
-that was saved); latency is measured here, on the same sentences, for both models in one process.
+that was saved); latency is measured here, on the same sentences, for both models in one process,
+interleaved (dense, compressed, dense, ...) so a change in machine load hits both alike. Each speed-up
+is printed with the verdict of `losparse.benchmark.judge_timing`: on a loaded machine (load average
+above the cores) or with scattered repeats it says UNRELIABLE and why, next to the figure, and the
+JSON records timing_reliable / timing_warning.
 """
 
 from __future__ import annotations
@@ -23,10 +27,29 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import losparse  # noqa: E402
-from losparse.benchmark import median_latency_ms, parameter_count, weights_size_mb  # noqa: E402
+from losparse.benchmark import (  # noqa: E402
+    combine_verdicts,
+    interleaved_latency_ms,
+    judge_timing,
+    load_average,
+    parameter_count,
+    timing_line,
+    weights_size_mb,
+)
+
+NAMES = ("dense", "LoSparse")
 
 
-def main() -> None:
+def time_pair(models: dict, inputs: dict, repeats: int, warmup: int = 3):
+    """Median latency (ms) of each model on `inputs`, interleaved, and the verdict on those timings."""
+    before = load_average()
+    stats = interleaved_latency_ms({name: (lambda m=model: m(**inputs)) for name, model in models.items()},
+                                   warmup=warmup, repeats=repeats)
+    verdict = judge_timing({name: s["times_ms"] for name, s in stats.items()}, before, load_average())
+    return {name: s["median_ms"] for name, s in stats.items()}, verdict
+
+
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dense", required=True, help="output_dir of the dense (--method finetune) run")
     parser.add_argument("--compressed", required=True, help="output_dir of the LoSparse run")
@@ -35,7 +58,7 @@ def main() -> None:
     parser.add_argument("--max_seq_length", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--json", default=None, help="also write the comparison here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     for path in (args.dense, args.compressed):
         if not os.path.isfile(os.path.join(path, "all_results.json")):
             parser.error(f"{path} holds no all_results.json: run the training step first")
@@ -56,21 +79,26 @@ def main() -> None:
     for name, model, path in (("dense", dense, args.dense), ("LoSparse", compact, args.compressed)):
         with open(os.path.join(path, "all_results.json")) as f:
             results = json.load(f)
-        big, one = batch(args.batch_size), batch(1)
         rows[name] = {
             "eval_accuracy": results["eval_accuracy"],
             "params": parameter_count(model),
             "encoder_matrix_params": results["compression"].get("target_params",
                                                                 results["compression"].get("model_params")),
             "weights_mb": weights_size_mb(path),
-            f"latency_ms_batch{args.batch_size}": median_latency_ms(lambda: model(**big), repeats=args.repeats),
-            "latency_ms_batch1": median_latency_ms(lambda: model(**one), repeats=args.repeats * 2),
         }
-    dense_report = rows["dense"]
+    models = {"dense": dense, "LoSparse": compact}
+    key_big = f"latency_ms_batch{args.batch_size}"
+    verdicts = {}
+    speedups = {}
+    sizes = {args.batch_size: args.repeats, 1: args.repeats * 2}  # batch 1: quicker calls, more of them
+    for size, repeats in sizes.items():
+        latency, verdicts[f"batch{size}"] = time_pair(models, batch(size), repeats)
+        for name in NAMES:
+            rows[name][f"latency_ms_batch{size}"] = latency[name]
+        speedups[f"batch{size}"] = latency["dense"] / latency["LoSparse"]
     compressed_results = json.load(open(os.path.join(args.compressed, "all_results.json")))
     rows["dense"]["encoder_matrix_params"] = compressed_results["compression"]["target_dense_params"]
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    key_big = f"latency_ms_batch{args.batch_size}"
     print(f"\nQuickstart result ({date.today()}, CPU: {machine})\n")
     print(f"| model | accuracy | params (all) | encoder matrices | weights on disk | latency b={args.batch_size} | latency b=1 |")
     print("|---|---|---|---|---|---|---|")
@@ -78,14 +106,18 @@ def main() -> None:
         print(f"| {name} | {row['eval_accuracy']:.4f} | {row['params'] / 1e6:.2f}M | "
               f"{row['encoder_matrix_params'] / 1e6:.2f}M | {row['weights_mb']:.1f} MB | {row[key_big]:.1f} ms | "
               f"{row['latency_ms_batch1']:.1f} ms |")
-    compressed = rows["LoSparse"]
-    print(f"\nremaining ratio {compressed_results['compression']['remaining_ratio']:.4f} of the encoder matrices; "
-          f"speed-up {dense_report[key_big] / compressed[key_big]:.2f}x at batch {args.batch_size}, "
-          f"{dense_report['latency_ms_batch1'] / compressed['latency_ms_batch1']:.2f}x at batch 1")
+    ratio = compressed_results["compression"]["remaining_ratio"]
+    print(f"\nremaining ratio {ratio:.4f} of the encoder matrices")
+    for size in sizes:
+        figure = f"{speedups[f'batch{size}']:.2f}x"
+        print(f"speed-up at batch {size}: {verdicts[f'batch{size}'].annotate(figure)}")
+    overall = combine_verdicts(verdicts)
+    print(timing_line(overall))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"date": str(date.today()), "machine": machine, "models": rows,
-                       "remaining_ratio": compressed_results["compression"]["remaining_ratio"]}, f, indent=2)
+            json.dump({"date": str(date.today()), "machine": machine, "models": rows, "remaining_ratio": ratio,
+                       "speedup": speedups, **overall.fields(),
+                       "timing": {k: v.fields() for k, v in verdicts.items()}}, f, indent=2)
 
 
 if __name__ == "__main__":

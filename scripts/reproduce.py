@@ -13,8 +13,18 @@ model, task, method, remaining ratio and seed. Its output directory is
 
 (`-s<seed>` only for seeds other than the default 42, so adding seeds later reuses the first run;
 the fine-tuned dense cell is `finetune-r1.0`, Lead-3 is `lead3`, a distillation stage is
-`<method>-kd-r<ratio>`). A cell whose output directory holds `all_results.json` is done and skipped,
-so an interrupted table resumes where it stopped. Cells that several tables share (Table 5 and
+`<method>-kd-r<ratio>`). What a (re)run does with a cell depends on its output directory:
+
+  * `all_results.json` there: the cell is done and skipped;
+  * a complete `checkpoint-N` there (see `checkpoint_is_complete`) but no results: the run was
+    interrupted; it is resumed from its newest complete checkpoint (`--resume_from_checkpoint true`,
+    no `--overwrite_output_dir`);
+  * anything else (no directory, an empty one, or one without results or complete checkpoints): the
+    cell starts from zero with `--overwrite_output_dir`.
+
+Each cell says which of these applies (dry run: a `# resume`/`# restart` comment above its command;
+real run: its progress line). So an interrupted table resumes where it stopped, down to the last
+checkpoint of the cell that was running. Cells that several tables share (Table 5 and
 Figure 5 reuse Table 1/3/4 runs) are the same command with the same output directory, built by the
 same code, so each is run once.
 
@@ -45,6 +55,19 @@ from typing import Any, Callable, Optional, Sequence
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_SEED = 42
 RESULTS_FILE = "all_results.json"
+
+# What makes a checkpoint resumable. The rule is losparse/checkpoint.py's `missing_files` (which the
+# trainer applies to `--resume_from_checkpoint true`), restated here because importing losparse pulls
+# in torch and --dry_run must stay instant; tests/test_reproduce.py checks that the two agree.
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+TRAINER_STATE_FILE = "trainer_state.json"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+OPTIMIZER_FILES = ("optimizer.pt", "scheduler.pt")
+PRUNER_FILES = ("losparse_pruner.safetensors", "losparse_pruner.json")
+#: methods whose runs decompose the model and train with the LoSparse pruner, so whose checkpoints
+#: must hold its state (losparse/methods.py: `decomposes`); finetune (and distillation stages) do not.
+PRUNER_METHODS = ("losparse", "itp", "movement", "lowrank", "lowrank_prune_all")
 
 GLUE_DEBERTA = "configs/glue/deberta-v3-base.yaml"
 GLUE_BERT = "configs/glue/bert-base-uncased.yaml"
@@ -486,7 +509,8 @@ class Warnings:
             print(f"warning: {message}", file=sys.stderr)
 
 
-def command(c: Cell, opts: Options, warn: Callable[[str], None]) -> list[str]:
+def command(c: Cell, opts: Options, warn: Callable[[str], None], state: Optional["CellState"] = None) -> list[str]:
+    """The cell's command line; `state` (default: a fresh start) decides how it starts (`start_flags`)."""
     n = opts.num_gpus
     if n > 1 and opts.accelerate and c.launchable:
         launcher = ["accelerate", "launch", "--num_processes", str(n), "--multi_gpu"]
@@ -507,12 +531,109 @@ def command(c: Cell, opts: Options, warn: Callable[[str], None]) -> list[str]:
                  f"at {acc}, so the effective batch is {n}x the table's")
     elif c.inline and c.accumulation is not None:
         argv += ["--gradient_accumulation_steps", str(acc)]
-    argv.append("--overwrite_output_dir")
+    argv += start_flags(state)
     return argv + opts.extra
 
 
 def is_done(opts: Options, cell_id: str) -> bool:
     return os.path.isfile(os.path.join(out_dir(opts, cell_id), RESULTS_FILE))
+
+
+# --------------------------------------------------------------------------------------------------
+# Resuming an interrupted cell
+# --------------------------------------------------------------------------------------------------
+
+def checkpoint_missing(checkpoint: str, needs_pruner: bool, needs_optimizer: bool = True) -> list[str]:
+    """The files a resume of `checkpoint` reads that are not there (empty: it is complete).
+
+    The Trainer writes trainer_state.json last, so a save that was interrupted leaves it out.
+    """
+    missing = []
+    if not os.path.isfile(os.path.join(checkpoint, TRAINER_STATE_FILE)):
+        missing.append(TRAINER_STATE_FILE)
+    if not any(os.path.isfile(os.path.join(checkpoint, name)) for name in WEIGHT_FILES):
+        missing.append("model weights")
+    if needs_optimizer:
+        missing += [name for name in OPTIMIZER_FILES if not os.path.isfile(os.path.join(checkpoint, name))]
+    if needs_pruner:
+        missing += [name for name in PRUNER_FILES if not os.path.isfile(os.path.join(checkpoint, name))]
+    return missing
+
+
+def checkpoint_is_complete(checkpoint: str, needs_pruner: bool, needs_optimizer: bool = True) -> bool:
+    return not checkpoint_missing(checkpoint, needs_pruner, needs_optimizer)
+
+
+def checkpoints(directory: str) -> list[str]:
+    """The `checkpoint-N` subdirectories of `directory`, newest (highest N) first."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    found = [(int(m.group(1)), name) for name in names if (m := CHECKPOINT_NAME.match(name))
+             and os.path.isdir(os.path.join(directory, name))]
+    return [os.path.join(directory, name) for _, name in sorted(found, reverse=True)]
+
+
+def _flag_is_true(argv: Sequence[str], name: str) -> bool:
+    """Whether the last `--name` in argv is set to true (`--name` alone, or followed by true/1/yes)."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == name:
+            nxt = argv[i + 1] if i + 1 < len(argv) else ""
+            value = nxt.lower() in ("true", "1", "yes") or nxt.startswith("--") or nxt == ""
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1].lower() in ("true", "1", "yes")
+    return bool(value)
+
+
+@dataclass
+class CellState:
+    """What a (re)run does with a cell: done (skip), resume (from `checkpoint`), restart or fresh."""
+
+    kind: str                       # "done", "resume", "restart" or "fresh"
+    detail: str = ""                # why, in words for the log
+    checkpoint: Optional[str] = None
+
+    @property
+    def label(self) -> str:
+        if self.kind == "resume":
+            return f"resume from {os.path.basename(self.checkpoint or '')}"
+        return self.kind
+
+
+def cell_state(opts: Options, c: Cell) -> CellState:
+    """Decide from the cell's output directory whether it is done, to resume, to restart or new."""
+    directory = out_dir(opts, c.id)
+    if os.path.isfile(os.path.join(directory, RESULTS_FILE)):
+        return CellState("done", f"{RESULTS_FILE} is there")
+    found = checkpoints(directory)
+    needs_pruner = c.method in PRUNER_METHODS
+    needs_optimizer = not _flag_is_true(list(c.args) + list(opts.extra), "--save_only_model")
+    incomplete = []
+    for checkpoint in found:
+        missing = checkpoint_missing(checkpoint, needs_pruner, needs_optimizer)
+        if not missing:
+            skipped = f" (skipping incomplete {', '.join(incomplete)})" if incomplete else ""
+            return CellState("resume", f"no {RESULTS_FILE}; newest complete checkpoint {os.path.basename(checkpoint)}"
+                                       f"{skipped}", checkpoint)
+        incomplete.append(f"{os.path.basename(checkpoint)} (missing {', '.join(missing)})")
+    try:
+        contents = os.listdir(directory)
+    except OSError:
+        contents = None
+    if not contents:
+        return CellState("fresh", "no output directory yet" if contents is None else "empty output directory")
+    if incomplete:
+        return CellState("restart", f"no {RESULTS_FILE} and no complete checkpoint: {'; '.join(incomplete)}")
+    return CellState("restart", f"the output directory holds neither {RESULTS_FILE} nor a checkpoint")
+
+
+def start_flags(state: Optional[CellState]) -> list[str]:
+    """How the entry script starts: resume the newest complete checkpoint, or write over the directory."""
+    if state is not None and state.kind == "resume":
+        return ["--resume_from_checkpoint", "true"]
+    return ["--overwrite_output_dir"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -568,7 +689,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"tables:\n{tables}\n\n"
                "Output: <output_root>/<table>/<model>/<task>/<method>-r<ratio>[-lr<r>][-s<seed>]/ with all_results.json "
-               "(a cell that has it is skipped) and the run's log in <that dir>.log.\n"
+               "(a cell that has it is skipped; one with only checkpoint-N dirs resumes from the newest complete "
+               "one) and the run's log in <that dir>.log.\n"
                "Environment: DRY_RUN=1 is --dry_run; MODEL_DIRS='a b' is --model_dirs a b (claim).\n"
                "Example: python scripts/reproduce.py table2 --dry_run --only rte --num_gpus 4",
     )
@@ -666,19 +788,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             seen.add(c.id)
             cells.append(c)
     warn = Warnings()
-    commands = [command(c, opts, warn) for c in cells]
-    done = [is_done(opts, c.id) for c in cells]
+    states = [cell_state(opts, c) for c in cells]
+    commands = [command(c, opts, warn, state) for c, state in zip(cells, states)]
+    done = [state.kind == "done" for state in states]
     n_done = sum(done)
     count_line = f"{len(cells)} cells: {n_done} done, {len(cells) - n_done} to run"
+    kinds = [state.kind for state in states]
+    starts = ", ".join(f"{kinds.count(k)} {word}" for k, word in (("resume", "resume from a checkpoint"),
+                                                                   ("restart", "restart from zero"))
+                       if kinds.count(k))
     report_hint = report_command(args.table, cells, opts)
 
     notes = list(dict.fromkeys(n for c in cells for n in c.notes))
     if args.dry_run:
         for note in notes:
             print(f"# note: {note}")
-        for c, argv_, is_d in zip(cells, commands, done):
-            print(f"# skip (done): {shlex.join(argv_)}" if is_d else shlex.join(argv_))
+        for c, argv_, state in zip(cells, commands, states):
+            if state.kind == "done":
+                print(f"# skip (done): {shlex.join(argv_)}")
+                continue
+            if state.kind in ("resume", "restart"):
+                print(f"# {state.kind} {c.id}: {state.detail}")
+            print(shlex.join(argv_))
         print(f"# then: {report_hint}")
+        if starts:
+            print(f"# of the cells to run: {starts}")
         print(count_line)
         return 0
 
@@ -688,16 +822,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if opts.num_gpus > 1 and opts.accelerate and not shutil.which("accelerate"):
         print("error: 'accelerate' is not on PATH; pip install accelerate, or pass --no_accelerate", file=sys.stderr)
         return 2
-    print(f"{args.table}: {count_line} (output root {opts.output_root})", flush=True)
+    print(f"{args.table}: {count_line}{f' ({starts})' if starts else ''} (output root {opts.output_root})",
+          flush=True)
     for note in notes:
         print(f"note: {note}")
     failed: list[str] = []
     todo = len(cells) - n_done
     k = 0
-    for c, argv_, is_d in zip(cells, commands, done):
-        if is_d or is_done(opts, c.id):
+    for c, is_d in zip(cells, done):
+        state = cell_state(opts, c)  # read again now: the directory may have changed since the driver started
+        if is_d or state.kind == "done":
             print(f"skip (done) {c.id}", flush=True)
             continue
+        argv_ = command(c, opts, warn, state)
         k += 1
         missing = [d for d in c.deps if not is_done(opts, d)]
         if missing:
@@ -709,7 +846,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 return 1
             continue
         log_path = out_dir(opts, c.id).rstrip("/") + ".log"
-        print(f"[{k}/{todo}] run {c.id}  (log: {log_path})", flush=True)
+        how = {"fresh": "run", "restart": "restart", "resume": state.label}[state.kind]
+        why = f": {state.detail}" if state.kind != "fresh" else ""
+        print(f"[{k}/{todo}] {how} {c.id}{why}  (log: {log_path})", flush=True)
         start = time.time()
         code = run_cell(c, argv_, opts)
         minutes = (time.time() - start) / 60
@@ -738,5 +877,6 @@ if __name__ == "__main__":
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
     except KeyboardInterrupt:
-        print("\ninterrupted; rerun the same command to resume (finished cells are skipped)", file=sys.stderr)
+        print("\ninterrupted; rerun the same command to resume (finished cells are skipped, the interrupted one "
+              "resumes from its last complete checkpoint)", file=sys.stderr)
         sys.exit(130)

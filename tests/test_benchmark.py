@@ -190,3 +190,131 @@ def test_prune_with_random_scores_hits_ratio():
     assert report["remaining_ratio"] == pytest.approx(0.15, abs=0.005)
     kept = [layer["sparse_kept_neurons"] for layer in report["layers"]]
     assert 0 < min(kept) and max(kept) < min(layer["sparse_neurons"] for layer in report["layers"])
+
+
+# ------------------------------------------------------------------------------ timing reliability
+
+TIGHT = [10.0, 10.1, 9.9, 10.05, 9.95]
+QUIET = (0.3, 0.3, 0.2)
+LOADED = (4.6, 4.5, 3.9)  # the issue's quickstart run: load 4-5 on 2 cores
+
+
+def _fake_machine(monkeypatch, load, cores=2):
+    monkeypatch.setattr(os, "getloadavg", lambda: load)
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+
+
+def test_quiet_tight_timings_are_reliable():
+    verdict = benchmark.judge_timing({"dense": TIGHT, "compact": [x / 2 for x in TIGHT]}, 0.3, 1.9, threads=2,
+                                     cpu_count=2)
+    assert verdict.reliable and verdict.warning is None and verdict.tag() == ""
+    assert verdict.annotate("1.73x") == "1.73x"
+    fields = verdict.fields()
+    assert fields["timing_reliable"] is True and fields["timing_warning"] is None
+    assert fields["timing_check"]["relative_spread_iqr"]["dense"] < 0.05
+    assert benchmark.timing_line(verdict).startswith("timing: reliable")
+
+
+def test_load_above_the_cores_makes_timings_unreliable():
+    verdict = benchmark.judge_timing({"dense": TIGHT, "compact": TIGHT}, 4.6, 4.4, threads=2, cpu_count=2)
+    assert not verdict.reliable
+    assert verdict.annotate("0.73x") == ("0.73x  [UNRELIABLE: load average 4.6 on 2 cores during timing; "
+                                         "rerun on a quiet machine]")
+    assert verdict.fields()["timing_reliable"] is False
+    # the load after the timing counts too; cores + 0.5 is still fine (our own threads are in the load)
+    assert not benchmark.judge_timing({}, 0.1, 2.7, threads=2, cpu_count=2).reliable
+    assert benchmark.judge_timing({}, 2.4, 2.4, threads=2, cpu_count=2).reliable
+
+
+def test_scattered_repeats_make_timings_unreliable():
+    verdict = benchmark.judge_timing({"dense": [10, 10.2, 14, 19, 9.8, 25], "compact": TIGHT}, 0.2, 0.3,
+                                     threads=1, cpu_count=2)
+    assert not verdict.reliable and "dense repeats spread" in verdict.warning and "compact" not in verdict.warning
+    assert verdict.fields()["timing_check"]["relative_spread_iqr"]["dense"] > benchmark.SPREAD_LIMIT
+
+
+def test_what_cannot_be_checked_is_noted_not_failed():
+    verdict = benchmark.judge_timing({"dense": [10.0, 30.0]}, None, None, threads=1, cpu_count=2)
+    assert verdict.reliable
+    assert any("load not checked" in n for n in verdict.notes) and any("2 repeats" in n for n in verdict.notes)
+    assert "not checked" in benchmark.timing_line(verdict)
+    assert not benchmark.judge_timing({}, 0.1, 0.1, threads=8, cpu_count=2).reliable  # oversubscribed
+
+
+def test_combined_verdict_names_the_parts_and_gives_the_load_once():
+    loaded = benchmark.judge_timing({"dense": TIGHT}, 4.6, 4.2, threads=2, cpu_count=2)
+    scattered = benchmark.judge_timing({"dense": [1, 1, 2, 3, 1, 5]}, 3.1, 3.0, threads=2, cpu_count=2)
+    quiet = benchmark.judge_timing({"dense": TIGHT}, 0.1, 0.1, threads=2, cpu_count=2)
+    combined = benchmark.combine_verdicts({"a": loaded, "b": scattered, "c": quiet})
+    assert not combined.reliable
+    assert combined.warning.startswith("load average 4.6 on 2 cores during timing; b: dense repeats spread")
+    assert combined.warning.count("load average") == 1
+    assert benchmark.combine_verdicts({"c": quiet}).reliable
+    # a verdict survives its JSON record
+    restored = benchmark.TimingVerdict.from_fields(json.loads(json.dumps(combined.fields())))
+    assert restored.warning == combined.warning and restored.reliable is False
+
+
+def test_inference_flags_a_loaded_machine_next_to_the_speedup(inference_script, tmp_path, monkeypatch, capsys):
+    _fake_machine(monkeypatch, LOADED)
+    out = tmp_path / "out.json"
+    rc = inference_script.main(["--arch", "tiny-bert", "--device", "cpu", "--repeats", "3", "--batch_size", "2",
+                                "--seq_len", "8", "--threads", "1", "--json", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    row = next(line for line in printed.splitlines() if line.startswith("| eager | forward"))
+    assert "×  [UNRELIABLE: load average 4.6 on 2 cores during timing; " in row  # (+ a spread, maybe)
+    assert "rerun on a quiet machine]" in row
+    assert "timing: UNRELIABLE: load average 4.6" in printed
+    result = json.loads(out.read_text())
+    assert result["timing_reliable"] is False and "load average 4.6 on 2 cores" in result["timing_warning"]
+    assert result["results"][0]["timing_reliable"] is False
+    assert result["results"][0]["timing_check"]["load_avg_1min_before"] == 4.6
+
+
+def _tight_timer(real):
+    """interleaved_latency_ms, with every candidate's repeats replaced by tight fake ones."""
+    def fake(fns, *args, **kwargs):
+        stats = real(fns, *args, **kwargs)
+        for s in stats.values():
+            s["times_ms"] = [s["median_ms"] * f for f in (1.0, 1.01, 0.99, 1.0, 1.005)]
+        return stats
+    return fake
+
+
+def test_inference_quiet_tight_run_prints_no_warning(inference_script, tmp_path, monkeypatch, capsys):
+    _fake_machine(monkeypatch, QUIET)
+    monkeypatch.setattr(inference_script, "interleaved_latency_ms", _tight_timer(benchmark.interleaved_latency_ms))
+    out = tmp_path / "out.json"
+    rc = inference_script.main(["--arch", "tiny-llama", "--device", "cpu", "--repeats", "2", "--warmup", "1",
+                                "--batch_size", "1", "--seq_len", "8", "--max_new_tokens", "3", "--threads", "1",
+                                "--json", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "UNRELIABLE" not in printed and "timing: reliable" in printed
+    result = json.loads(out.read_text())
+    assert result["timing_reliable"] is True and result["timing_warning"] is None
+    assert [r["timing_reliable"] for r in result["results"]] == [True] * 4  # decode included
+
+
+def test_training_and_svd_flag_a_loaded_machine(training_script, tmp_path, monkeypatch, capsys):
+    _fake_machine(monkeypatch, LOADED)
+    out = tmp_path / "train.json"
+    rc = training_script.main(["--arch", "tiny-bert", "--device", "cpu", "--batch_size", "2", "--seq_len", "8",
+                               "--steps", "3", "--warmup_steps", "1", "--rounds", "1", "--threads", "1",
+                               "--json", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    line = next(line for line in printed.splitlines() if line.startswith("LoSparseTrainer / Trainer step time"))
+    assert "×  [UNRELIABLE: load average 4.6 on 2 cores during timing" in line
+    result = json.loads(out.read_text())
+    assert result["timing_reliable"] is False and "4.6" in result["timing_warning"]
+
+    out = tmp_path / "svd.json"
+    rc = _script("benchmark_svd").main(["--shapes", "40x60", "--no_model", "--device", "cpu", "--repeats", "3",
+                                        "--threads", "1", "--json", str(out)])
+    assert rc == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| 40x60"))
+    assert "×  [UNRELIABLE: load average 4.6 on 2 cores during timing" in row
+    result = json.loads(out.read_text())
+    assert result["timing_reliable"] is False and result["matrices"][0]["timing_reliable"] is False

@@ -30,3 +30,16 @@ def test_bad_values_are_rejected_with_the_value_named(kwargs, fragment):
 def test_round_trip_through_dict():
     config = LoSparseConfig(remaining_ratio=0.15, low_rank_ratio=0.03, target_modules=["a.*"])
     assert LoSparseConfig.from_dict(config.to_dict()) == config
+
+
+def test_pruning_variant():
+    assert LoSparseConfig().pruning_variant == "paper"
+    assert LoSparseConfig(pruning_variant="reference").pruning_variant == "reference"
+    with pytest.raises(LoSparseUsageError, match="--pruning_variant 'platon' is not known; choose one of: paper, "
+                                                 "reference"):
+        LoSparseConfig(pruning_variant="platon")
+    # configs recorded before the flag existed (checkpoints, saved models) read as the paper variant
+    values = LoSparseConfig(pruning_variant="reference").to_dict()
+    assert LoSparseConfig.from_dict(values).pruning_variant == "reference"
+    values.pop("pruning_variant")
+    assert LoSparseConfig.from_dict(values).pruning_variant == "paper"

@@ -61,3 +61,94 @@ def test_distillation_tables_parse_with_a_teacher(path):
             "--config", path, "--task_name", task, "--output_dir", "x", "--teacher_model_name_or_path", "teacher"])
         assert distill.distill_stage == "after" and distill.enabled
         assert training.num_train_epochs == 50
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Every cell of every shipped table can start on its real dataset: t_i + t_f < T.
+# ---------------------------------------------------------------------------------------------------------
+
+import dataclasses  # noqa: E402
+import math  # noqa: E402
+
+from transformers import Seq2SeqTrainingArguments  # noqa: E402
+
+from losparse.cli import resolve_yaml_config  # noqa: E402
+from losparse.schedule import CubicSchedule, resolve_steps  # noqa: E402
+
+# Real train-split sizes (examples). SQuAD v1.1: 87,599 questions. The Trainer steps over windows of 384 tokens
+# with stride 128, and every question gives at least one window, so the question count is a lower bound on the
+# number of training features (88,524 with the uncased BERT WordPiece vocabulary, as logged by the Hugging Face
+# question-answering example notebook); more windows only mean more steps, so a cell feasible here is feasible.
+TRAIN_EXAMPLES = {
+    "mnli": 392_702, "qqp": 363_846, "qnli": 104_743, "sst2": 67_349, "cola": 8_551, "stsb": 5_749,
+    "mrpc": 3_668, "rte": 2_490, "squad": 87_599, "xsum": 204_045, "cnn_dailymail": 287_113,
+}
+PAPER_TABLES = sorted(glob.glob("configs/*/*.yaml"))
+_DEFAULTS = {f.name: f.default for t in (LoSparseConfig, TrainingArguments) for f in dataclasses.fields(t)
+             if f.default is not dataclasses.MISSING}
+
+
+class _AnyKey:
+    """Key checking is the other tests' job (they parse every cell into the scripts' dataclasses)."""
+
+    def __contains__(self, key):
+        return True
+
+
+def _table_cells():
+    for path in PAPER_TABLES:
+        with open(path) as f:
+            table = yaml.safe_load(f)
+        for task, section in (table.get("tasks") or {None: {}}).items():
+            for ratio in (section or {}).get("ratios") or [None]:
+                yield path, task, ratio
+
+
+def total_optimizer_steps(values: dict, train_examples: int) -> int:
+    """The Trainer's max_steps on one device: epochs × ceil(ceil(examples / batch) / accumulation)."""
+    batches = math.ceil(train_examples / values.get("per_device_train_batch_size", _DEFAULTS["per_device_train_batch_size"]))
+    accumulation = values.get("gradient_accumulation_steps", _DEFAULTS["gradient_accumulation_steps"])
+    steps_per_epoch = max(batches // accumulation + int(batches % accumulation > 0), 1)
+    return math.ceil(values.get("num_train_epochs", _DEFAULTS["num_train_epochs"]) * steps_per_epoch)
+
+
+def test_total_steps_match_the_issue_arithmetic():
+    xsum = {"per_device_train_batch_size": 32, "gradient_accumulation_steps": 1}
+    assert total_optimizer_steps({**xsum, "num_train_epochs": 10}, 204_045) == 63_770  # < 12,800 + 51,200
+    assert total_optimizer_steps({**xsum, "num_train_epochs": 12}, 204_045) == 76_524
+    mnli = {"per_device_train_batch_size": 32, "gradient_accumulation_steps": 8, "num_train_epochs": 8}
+    assert total_optimizer_steps(mnli, 392_702) == 8 * 1534
+
+
+@pytest.mark.parametrize("path,task,ratio", list(_table_cells()))
+def test_every_cell_fits_its_real_dataset(path, task, ratio):
+    values = resolve_yaml_config(path, task, ratio, _AnyKey())
+    if task is None:  # the quickstart: t_i and t_f are fractions of the run, feasible for any length
+        lengths = range(1, 5000)
+    else:
+        lengths = [total_optimizer_steps(values, TRAIN_EXAMPLES[task])]
+    for total in lengths:
+        warmup = resolve_steps(values.get("pruning_warmup_steps"),
+                               values.get("pruning_warmup_ratio", _DEFAULTS["pruning_warmup_ratio"]), total)
+        final = resolve_steps(values.get("pruning_final_steps"),
+                              values.get("pruning_final_ratio", _DEFAULTS["pruning_final_ratio"]), total)
+        assert warmup + final < total, f"{path} {task} {ratio}: t_i {warmup} + t_f {final} >= T {total}"
+        for variant in ("paper", "reference"):
+            CubicSchedule(total, warmup, final, 0.1, values.get("pruning_interval", 10), variant=variant)
+
+
+@pytest.mark.parametrize("path", PAPER_TABLES)
+def test_paper_tables_use_the_reference_arithmetic(path):
+    with open(path) as f:
+        table = yaml.safe_load(f)
+    expected = "paper" if path.startswith("configs/quickstart/") else "reference"
+    assert table.get("pruning_variant", "paper") == expected
+    assert LoSparseConfig().pruning_variant == "paper"  # the default everywhere else
+
+
+def test_summarization_tables_follow_section_4_3():
+    for path, task in (("configs/summarization/bart-large-xsum.yaml", "xsum"),
+                       ("configs/summarization/bart-large-cnn.yaml", "cnn_dailymail")):
+        values = resolve_yaml_config(path, task, 0.3, _AnyKey())
+        assert values["num_train_epochs"] == 12
+        assert (values["pruning_warmup_steps"], values["pruning_final_steps"]) == (12_800, 51_200)

@@ -103,6 +103,15 @@ def test_regression_without_task_name() -> None:
 def test_classification_without_task_name_is_accuracy() -> None:
     out = glue_metrics(None, PREDS, REFS)
     assert out == pytest.approx({"accuracy": 4 / 6})
+    assert glue_metrics(None, [0, 2, 1], [0, 2, 2], num_labels=3) == pytest.approx({"accuracy": 2 / 3})
+
+
+def test_own_binary_task_reports_f1_of_label_id_1_too() -> None:
+    # TP 3 (positions 0, 3, 5), FP 1 (position 2), FN 1 (position 4): F1 = 6 / 8
+    out = glue_metrics(None, PREDS, REFS, num_labels=2)
+    assert out == pytest.approx({"accuracy": 4 / 6, "f1": 0.75})
+    # a model that always predicts the majority class gets its accuracy but an F1 of 0
+    assert glue_metrics(None, [0] * 4, [0, 0, 0, 1], num_labels=2) == pytest.approx({"accuracy": 0.75, "f1": 0.0})
 
 
 @pytest.mark.parametrize(

@@ -66,3 +66,44 @@ def test_rounded_up_ranks_that_eat_the_budget_are_reported():
     model = _model(remaining_ratio=0.2, low_rank_ratio=0.19)
     with pytest.raises(LoSparseUsageError, match="leaves nothing for the sparse part"):
         LoSparsePruner(model, total_steps=10)
+
+
+def _five_neurons(variant):
+    """Rows of 2, 2, 2 (layer a) and 4, 4 (layer b) parameters: 14 entries of S, no low-rank part."""
+    from losparse.layers import LoSparseLinear
+
+    model = nn.Module()
+    model.a, model.b = LoSparseLinear(2, 3, rank=0), LoSparseLinear(4, 2, rank=0)
+    with torch.no_grad():
+        model.a.sparse.fill_(1.0)
+        model.b.sparse.fill_(1.0)
+    config = LoSparseConfig(method="itp", remaining_ratio=0.5, pruning_warmup_steps=1, pruning_final_steps=1,
+                            pruning_variant=variant)
+    return LoSparsePruner(model, total_steps=10, config=config)
+
+
+def _kept(pruner, scores, fraction):
+    pruner.importance.neuron_ema.copy_(torch.tensor(scores))
+    pruner.update_masks(fraction)
+    return torch.cat([layer.sparse_mask for layer in pruner.layers]).tolist()
+
+
+def test_reference_keep_rule_is_score_at_least_the_kth_smallest_entry():
+    pruner = _five_neurons("reference")
+    # p = 0.5: k = int(14 · 0.5) = 7. Entry scores ascending: 1 1 2 2 3 3 4 4 4 4 5 5 5 5 -> 7th = 4.
+    assert _kept(pruner, [1.0, 2.0, 3.0, 4.0, 5.0], 0.5) == [False, False, False, True, True]
+    assert pruner.achieved_kept_fraction() == 8 / 14  # >= p
+    # ties at the threshold are all kept: 1 1 4 4 4 4 4 4 4 4 5 5 5 5 -> 7th = 4, keeps 12 of 14
+    assert _kept(pruner, [1.0, 4.0, 4.0, 4.0, 5.0], 0.5) == [False, True, True, True, True]
+    # p = 0.95: k = int(14 · 0.05) = 0 -> everything kept; p = 0: everything pruned
+    assert all(_kept(pruner, [1.0, 2.0, 3.0, 4.0, 5.0], 0.95))
+    assert not any(_kept(pruner, [1.0, 2.0, 3.0, 4.0, 5.0], 0.0))
+    assert torch.count_nonzero(pruner.layers[0].sparse) == 0
+
+
+def test_paper_keep_rule_on_the_same_scores():
+    pruner = _five_neurons("paper")
+    # best first: b1 (4 params, total 4 <= 7.5), then b0 would make 8 > 7.5: the prefix stops there
+    assert _kept(pruner, [1.0, 2.0, 3.0, 4.0, 5.0], 0.5) == [False, False, False, False, True]
+    # ties are taken in neuron order: b1 (4), a1 (6), then a2 would make 8 > 7.5
+    assert _kept(pruner, [1.0, 4.0, 4.0, 4.0, 5.0], 0.5) == [False, True, False, False, True]

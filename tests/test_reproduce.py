@@ -8,6 +8,7 @@ Expected cell counts are computed from the YAML tables, so editing a table keeps
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import re
 import shlex
@@ -330,3 +331,151 @@ def test_help_lists_every_table() -> None:
     assert proc.returncode == 0
     for table in ("table1", "table2", "table3", "table4", "table5", "table6", "figure5", "figure6", "claim"):
         assert re.search(rf"^  {table}\s", proc.stdout, re.M)
+
+
+# ------------------------------------------------------------------------------- resuming a cell
+
+COMPLETE = ("trainer_state.json", "model.safetensors", "optimizer.pt", "scheduler.pt")
+PRUNER = ("losparse_pruner.safetensors", "losparse_pruner.json")
+
+
+def fake_checkpoint(cell: Path, step: int, files: tuple[str, ...]) -> Path:
+    directory = cell / f"checkpoint-{step}"
+    directory.mkdir(parents=True)
+    for name in files:
+        (directory / name).write_text("{}")
+    return directory
+
+
+def tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_interrupted_cells_resume_from_their_newest_complete_checkpoint(tmp_path: Path) -> None:
+    rte = tmp_path / "table2" / "bert-base-uncased" / "rte"
+    fake_checkpoint(rte / "losparse-r0.2", 100, COMPLETE + PRUNER)
+    fake_checkpoint(rte / "losparse-r0.2", 200, COMPLETE[1:] + PRUNER)  # killed before trainer_state.json
+    fake_checkpoint(rte / "itp-r0.2", 50, COMPLETE)                        # the pruner state was never written
+    fake_checkpoint(rte / "finetune-r1.0", 30, COMPLETE)                   # no pruner in a finetune run
+    (rte / "movement-r0.2").mkdir()
+    (rte / "movement-r0.2" / "train.log").write_text("started")          # no results, no checkpoint
+    (rte / "itp-r0.15").mkdir()                                            # empty: a fresh start
+    fake_checkpoint(rte / "losparse-r0.15", 10, COMPLETE + PRUNER)
+    (rte / "losparse-r0.15" / "all_results.json").write_text("{}")       # done wins over checkpoints
+    before = tree(tmp_path)
+
+    proc = run([sys.executable, str(DRIVER), "table2", "--dry_run", "--output_root", str(tmp_path),
+                "--only", "rte"])
+    assert proc.returncode == 0, proc.stderr
+    commands, skipped, (cells, done, todo) = parse(proc.stdout)
+    assert (done, todo) == (1, cells - 1) and len(skipped) == 1 and "losparse-r0.15" in skipped[0]
+    by_dir = {os.path.relpath(flag(c, "--output_dir"), rte): c for c in commands}
+
+    for name in ("losparse-r0.2", "finetune-r1.0"):  # resumed: no overwrite
+        argv = by_dir[name]
+        assert flag(argv, "--resume_from_checkpoint") == "true" and "--overwrite_output_dir" not in argv
+    for name in ("itp-r0.2", "movement-r0.2", "itp-r0.15", "losparse-r0.1"):  # started from zero
+        argv = by_dir[name]
+        assert argv[-1] == "--overwrite_output_dir" and "--resume_from_checkpoint" not in argv
+
+    comments = [line for line in proc.stdout.splitlines() if re.match(r"# (resume|restart) ", line)]
+    assert len(comments) == 4
+    line = next(c for c in comments if "/losparse-r0.2:" in c)
+    assert line.startswith("# resume table2/bert-base-uncased/rte/losparse-r0.2: ")
+    assert "newest complete checkpoint checkpoint-100" in line and "checkpoint-200 (missing trainer_state.json)" in line
+    itp = next(c for c in comments if "/itp-r0.2:" in c)
+    assert itp.startswith("# restart ") and "losparse_pruner.safetensors" in itp
+    movement = next(c for c in comments if "/movement-r0.2:" in c)
+    assert movement.startswith("# restart ") and "neither all_results.json nor a checkpoint" in movement
+    assert not any("/itp-r0.15:" in c for c in comments)  # an empty dir is just a fresh start
+    assert "# of the cells to run: 2 resume from a checkpoint, 2 restart from zero" in proc.stdout
+    assert tree(tmp_path) == before, "a dry run must not touch the output dirs"
+
+    # The comment line sits right above the command it explains.
+    lines = proc.stdout.splitlines()
+    index = lines.index(line)
+    assert flag(shlex.split(lines[index + 1]), "--output_dir") == str(rte / "losparse-r0.2")
+
+
+def test_save_only_model_checkpoints_resume_without_optimizer_state(tmp_path: Path) -> None:
+    cell = tmp_path / "table2" / "bert-base-uncased" / "rte" / "finetune-r1.0"
+    fake_checkpoint(cell, 40, ("trainer_state.json", "model.safetensors"))
+    restart, _, _ = dry("table2", tmp_path, "--only", "rte/finetune")
+    assert restart[0][-1] == "--overwrite_output_dir"
+    resumed, _, _ = dry("table2", tmp_path, "--only", "rte/finetune", "--extra", "--save_only_model true")
+    assert flag(resumed[0], "--resume_from_checkpoint") == "true"
+
+
+RECORDING_PYTHON = FAKE_PYTHON.replace('print("fake run", " ".join(sys.argv[1:]))',
+                                       'print("fake run", " ".join(sys.argv[1:]))\n'
+                                       'open(out + ".argv", "w").write(" ".join(sys.argv[1:]))')
+
+
+def test_run_loop_resumes_an_interrupted_cell_and_says_so(tmp_path: Path) -> None:
+    fake = tmp_path / "fake_python"
+    fake.write_text(RECORDING_PYTHON.format(python=sys.executable))
+    fake.chmod(0o755)
+    root = tmp_path / "out"
+    cells = root / "claim" / "minilm" / "movies"
+    fake_checkpoint(cells / "losparse-r0.2", 60, COMPLETE + PRUNER)
+    fake_checkpoint(cells / "itp-r0.2", 60, COMPLETE)  # incomplete for itp: no pruner state
+    base = [sys.executable, str(DRIVER), "claim", "--output_root", str(root), "--python", str(fake),
+            "--model_dirs", "/fake/minilm", "--train_file", "/fake/movies/train.csv",
+            "--validation_file", "/fake/movies/validation.csv", "--only", r"(losparse|itp|movement)-r0\.2$"]
+    proc = run(base, env={"DRY_RUN": "0"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "3 cells: 0 done, 3 to run (1 resume from a checkpoint, 1 restart from zero)" in proc.stdout
+    assert re.search(r"\] resume from checkpoint-60 claim/minilm/movies/losparse-r0\.2: no all_results\.json; "
+                     r"newest complete checkpoint checkpoint-60", proc.stdout)
+    assert re.search(r"\] restart claim/minilm/movies/itp-r0\.2: no all_results\.json and no complete checkpoint",
+                     proc.stdout)
+    assert re.search(r"\] run claim/minilm/movies/movement-r0\.2  \(log: ", proc.stdout)
+    resumed = (cells / "losparse-r0.2.argv").read_text().split()
+    assert flag(resumed, "--resume_from_checkpoint") == "true" and "--overwrite_output_dir" not in resumed
+    for name in ("itp-r0.2", "movement-r0.2"):
+        argv = (cells / f"{name}.argv").read_text().split()
+        assert argv[-1] == "--overwrite_output_dir" and "--resume_from_checkpoint" not in argv
+    assert "--resume_from_checkpoint true" in (cells / "losparse-r0.2.log").read_text()
+
+
+def _load_driver():
+    spec = importlib.util.spec_from_file_location("_reproduce_driver", DRIVER)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # (its dataclasses look their module up)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dry_run_imports_no_torch(tmp_path: Path) -> None:
+    code = ("import runpy, sys\n"
+            "sys.argv = [sys.argv[1], 'table1', '--dry_run', '--output_root', sys.argv[2]]\n"
+            "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'the dry run imported torch'\n")
+    proc = run([sys.executable, "-c", code, str(DRIVER), str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr
+    assert COUNT_LINE.search(proc.stdout)
+
+
+@pytest.mark.parametrize("needs_pruner", [True, False])
+def test_completeness_rule_matches_the_trainers(tmp_path: Path, needs_pruner: bool) -> None:
+    """The driver's torch-free copy of the rule agrees with losparse/checkpoint.py, which the trainer uses."""
+    checkpoint_module = pytest.importorskip("losparse.checkpoint")
+    from losparse.methods import METHOD_SPECS
+
+    driver = _load_driver()
+    assert set(driver.PRUNER_METHODS) == {name for name, spec in METHOD_SPECS.items() if spec.decomposes}
+    layouts = [COMPLETE + PRUNER, COMPLETE, COMPLETE[1:] + PRUNER, ("trainer_state.json", "model.safetensors"),
+               ("trainer_state.json", "pytorch_model.bin", "optimizer.pt", "scheduler.pt") + PRUNER, PRUNER, ()]
+    cell = tmp_path / "cell"
+    for step, files in enumerate(layouts, start=1):
+        path = str(fake_checkpoint(cell, step * 10, files))
+        for needs_optimizer in (True, False):
+            ours = driver.checkpoint_missing(path, needs_pruner, needs_optimizer)
+            theirs = checkpoint_module.missing_files(path, needs_pruner, needs_optimizer)
+            assert bool(ours) == bool(theirs), (files, needs_optimizer, ours, theirs)
+    assert [os.path.basename(p) for p in driver.checkpoints(str(cell))] == \
+        [os.path.basename(p) for p in checkpoint_module.list_checkpoints(str(cell))]
+    newest = checkpoint_module.last_complete_checkpoint(str(cell), needs_pruner)
+    ours = next((p for p in driver.checkpoints(str(cell)) if driver.checkpoint_is_complete(p, needs_pruner)), None)
+    assert ours == newest

@@ -40,3 +40,29 @@ def test_step_counts_or_fractions():
 def test_warmup_plus_final_must_leave_room():
     with pytest.raises(LoSparseUsageError, match="fewer than the 100 total optimizer steps"):
         make(warmup_steps=40, final_steps=60)
+
+
+def test_reference_variant_runs_one_step_behind():
+    paper, reference = make(), make(variant="reference")
+    for t in range(2, 101):
+        assert reference.kept_fraction(t) == pytest.approx(paper.kept_fraction(t - 1), abs=1e-15)
+    # g = t - 1 <= t_i = 10: p = 1; g > T - t_f = 70: p_T; at g = 40 (t = 41): halfway through the decay
+    assert reference.kept_fraction(11) == 1.0 and reference.kept_fraction(12) < 1.0
+    assert reference.kept_fraction(41) == pytest.approx(0.2 + 0.8 * 0.125)
+    assert reference.kept_fraction(71) == pytest.approx(0.2) and reference.kept_fraction(72) == 0.2
+
+
+def test_reference_mask_steps_are_multiples_of_delta_t_counted_from_the_start():
+    schedule = make(variant="reference", warmup_steps=12)  # t_i = 12 is not a multiple of ΔT = 5
+    mask_steps = [t for t in range(1, 101) if schedule.is_mask_update_step(t)]
+    # g = t - 1 ∈ {15, 20, ..., 70} during the decay, then every g > 70
+    assert mask_steps[:4] == [16, 21, 26, 31]
+    assert [t for t in mask_steps if t <= 71] == list(range(16, 72, 5))
+    assert mask_steps[12:] == list(range(72, 101))
+    assert not schedule.reapplies_masks_every_step and make().reapplies_masks_every_step
+    assert [t for t in range(1, 20) if schedule.is_pruning(t)][0] == 14  # g = 13 > t_i
+
+
+def test_unknown_variant_is_refused():
+    with pytest.raises(LoSparseUsageError, match="pruning variant 'ours' is not known"):
+        make(variant="ours")

@@ -326,3 +326,84 @@ def test_config_yaml_needs_no_task_name(tmp_path, squad_files, capsys) -> None:
         run_main(run_squad.main, ["--config", config, "--remaining_ratio", "0.2", "--train_file", squad_files["json"],
                                   "--validation_file", squad_files["json"], "--output_dir", str(busy)])
     assert "exists and is not empty" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# (e) bad data never gets past the front door: one line, exit 2, before the weights load
+# --------------------------------------------------------------------------------------------
+
+CONTEXT = "good movie bad plot"
+GOOD_ROW = {"id": "q1", "context": CONTEXT, "question": "movie", "answers": {"text": ["bad plot"], "answer_start": [11]}}
+
+
+def _row(**changes) -> str:
+    return json.dumps({**GOOD_ROW, **changes}) + "\n"
+
+
+@pytest.fixture
+def no_qa_weights(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the bad input was refused")
+
+    monkeypatch.setattr(run_squad.AutoModelForQuestionAnswering, "from_pretrained", refuse)
+
+
+BAD_SQUAD = [
+    ("unreadable", b"\x80abc", [], "--train_file '{train}' cannot be read: it is not UTF-8 text (byte 0 is b'\\x80')"),
+    ("empty file", "\n", [], "--train_file '{train}' is empty"),
+    ("bad JSON line", _row() + '{"id": "q2",\n', [],
+     "--train_file '{train}' line 2 is not JSON: Expecting property name enclosed in double quotes (column 13)"),
+    ("empty question", _row() + _row(id="q2", question=""), [], "--train_file '{train}' line 2 (id 'q2') has an empty question"),
+    ("empty context", _row(context="  "), [], "--train_file '{train}' line 1 (id 'q1') has an empty context"),
+    ("answer_start off the answer", _row(answers={"text": ["bad plot"], "answer_start": [10]}), [],
+     "--train_file '{train}' line 1 (id 'q1'): answer_start 10 points at ' bad plo' in the context, not at the answer "
+     "'bad plot'; fix answer_start (it is the training label)"),
+    ("answer_start past the context", _row(answers={"text": ["bad plot"], "answer_start": [40]}), [],
+     "--train_file '{train}' line 1 (id 'q1'): answer_start 40 points at '' in the context, not at the answer "
+     "'bad plot'; fix answer_start (it is the training label)"),
+    ("--max_seq_length above the positions", _row(), ["--max_seq_length", "128", "--doc_stride", "32"],
+     "--max_seq_length 128 is more than the 64 positions of --model_name_or_path '{model}' (max_position_embeddings "
+     "64); pass --max_seq_length 64 or less"),
+    ("--max_train_samples 0", _row(), ["--max_train_samples", "0"], "--max_train_samples 0 must be a positive integer"),
+    ("warm-up not below the steps", _row(), ["--max_steps", "2", "--pruning_warmup_steps", "2"],
+     "the pruning warm-up of 2 optimizer steps (--pruning_warmup_steps 2) is not shorter than the run's 2 optimizer "
+     "steps (--max_steps 2); lower it or train longer"),
+    ("--num_train_epochs 0", _row(), ["--num_train_epochs", "0"],
+     "--num_train_epochs 0 trains for no optimizer step; pass a positive --num_train_epochs or --max_steps"),
+]
+
+
+@pytest.mark.parametrize("case, train, extra, message", BAD_SQUAD, ids=[c[0] for c in BAD_SQUAD])
+def test_bad_squad_data_is_one_line_before_the_weights_load(tmp_path, tiny_qa_dir, capsys, no_qa_weights, case, train,
+                                                            extra, message) -> None:
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(train) if isinstance(train, bytes) else path.write_text(train)
+    validation = write_jsonl(str(tmp_path / "validation.jsonl"), [GOOD_ROW])
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(run_squad.main, ["--model_name_or_path", tiny_qa_dir, "--train_file", str(path), "--validation_file",
+                                  validation, "--output_dir", str(tmp_path / "out"), "--max_seq_length", "32",
+                                  "--doc_stride", "16", "--report_to", "none", "--use_cpu", "true", *extra])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert err == "error: " + message.format(train=path, model=tiny_qa_dir)
+
+
+def test_answer_start_in_the_official_layout_names_the_question(tmp_path) -> None:
+    rows = squad_rows(n_contexts=1, per_context=2)
+    rows[1]["answers"]["answer_start"][0] += 1
+    path = write_official(str(tmp_path / "train.json"), rows)
+    with pytest.raises(LoSparseUsageError, match=r"^--train_file '.*train\.json' data\[0\]\.paragraphs\[0\]\.qas\[1\] "
+                                                 r"\(id 'c0q1'\): answer_start \d+ points at "):
+        squad.read_squad_file(path, "train_file")
+
+
+def test_misaligned_validation_answers_are_counted_and_kept(tmp_path, caplog) -> None:
+    """Evaluation compares answer texts only, so a wrong answer_start there is reported, not refused."""
+    path = write_jsonl(str(tmp_path / "dev.jsonl"), [GOOD_ROW, {**GOOD_ROW, "id": "q2", "answers": {
+        "text": ["bad plot", "plot"], "answer_start": [11, 3]}}])
+    caplog.set_level("WARNING", logger="losparse")
+    rows = squad.read_squad_file(path, "validation_file")
+    assert len(rows) == 2
+    assert ("dev.jsonl': 1 answers whose answer_start does not point at their text (first: line 2, id 'q2', "
+            "answer_start 3 points at 'd mo', not 'plot'); kept") in caplog.text

@@ -229,3 +229,58 @@ def test_paper_config_resolves_for_xsum(tmp_path):
     assert (data_args.num_beams, data_args.max_target_length, data_args.val_max_target_length) == (8, 62, 62)
     assert losparse_config.low_rank_ratio == 0.2 and losparse_config.beta1 == 0.85
     assert training_args.predict_with_generate is True
+
+
+# Bad data never gets past the front door: one line, exit 2, before any tokenizer or weights load.
+GOOD_JSONL = json.dumps({"text": "Anna visited the farm.", "summary": "Anna at the farm."}) + "\n"
+BAD_SUMMARIES = [
+    ("unreadable", ("train.jsonl", b"\xc3\x28 broken"), [],
+     "--train_file '{train}' cannot be read: it is not UTF-8 text (byte 0 is b'\\xc3')"),
+    ("empty file", ("train.jsonl", ""), [], "--train_file '{train}' is empty"),
+    ("header only", ("train.csv", "text,summary\n"), [], "--train_file '{train}' has a header line (text, summary) but no rows"),
+    ("bad JSON line", ("train.jsonl", GOOD_JSONL * 2 + "not json\n"), [],
+     "--train_file '{train}' line 3 is not JSON: Expecting value (column 1)"),
+    ("missing column", ("train.csv", "article,summary\nA day.,A.\n"), [],
+     "--text_column 'text' is not a column of --train_file '{train}' (columns: article, summary)"),
+    ("empty article", ("train.csv", "text,summary\nA day.,A.\n,B.\n"), [],
+     "--train_file '{train}' line 3: the article column 'text' is empty"),
+    ("empty summary", ("train.jsonl", GOOD_JSONL + json.dumps({"text": "B.", "summary": None}) + "\n"), [],
+     "--train_file '{train}' line 2: the summary column 'summary' is empty"),
+    ("--max_source_length above the positions", ("train.jsonl", GOOD_JSONL), ["--max_source_length", "1024"],
+     "--max_source_length 1024 is more than the 64 positions of --model_name_or_path '{model}' "
+     "(max_position_embeddings 64); pass --max_source_length 64 or less"),
+    ("--val_max_target_length above the positions", ("train.jsonl", GOOD_JSONL), ["--val_max_target_length", "65"],
+     "--val_max_target_length 65 is more than the 64 positions of --model_name_or_path '{model}' "
+     "(max_position_embeddings 64); pass --val_max_target_length 64 or less"),
+    ("--max_train_samples 0", ("train.jsonl", GOOD_JSONL), ["--max_train_samples", "0"],
+     "--max_train_samples 0 must be >= 1"),
+    ("warm-up + final not below the steps", ("train.jsonl", GOOD_JSONL * 8), ["--pruning_final_steps", "2"],
+     "pruning warm-up (0 steps, --pruning_warmup_ratio 0.1 of the run) + final phase (2 steps, "
+     "--pruning_final_steps 2) must be fewer than the run's 2 optimizer steps (1 epoch x 2 optimizer steps per "
+     "epoch: 8 training examples in batches of 4); lower --pruning_warmup_steps/--pruning_final_steps (or their "
+     "_ratio forms) or train longer"),
+    ("--num_train_epochs 0", ("train.jsonl", GOOD_JSONL), ["--num_train_epochs", "0"],
+     "--num_train_epochs 0 trains for no optimizer step; pass a positive --num_train_epochs or --max_steps"),
+]
+
+
+@pytest.mark.parametrize("case, train, extra, message", BAD_SUMMARIES, ids=[c[0] for c in BAD_SUMMARIES])
+def test_bad_data_is_one_line_before_any_model(tiny_bart_dir, data_files, tmp_path, capsys, no_model_loading, case,
+                                               train, extra, message):
+    path = tmp_path / train[0]
+    path.write_bytes(train[1]) if isinstance(train[1], bytes) else path.write_text(train[1])
+    argv = _argv(tiny_bart_dir, (str(path), data_files[1]), tmp_path / "out", "--num_train_epochs", "1", *extra)
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(run_summarization.main, argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert err == "error: " + message.format(train=path, model=tiny_bart_dir)
+
+
+def test_lead3_refuses_an_empty_article_too(tmp_path, capsys, no_model_loading):
+    path = tmp_path / "validation.csv"
+    path.write_text("text,summary\nA day.,A.\n  ,B.\n")
+    with pytest.raises(SystemExit):
+        run_main(run_summarization.main, ["--validation_file", str(path), "--lead3", "--output_dir", str(tmp_path / "o")])
+    assert capsys.readouterr().err.strip() == f"error: --validation_file '{path}' line 3: the article column 'text' is empty"

@@ -119,11 +119,16 @@ def test_resume_continues_the_same_pruning_trajectory(tmp_path):
 
 
 def test_resume_from_a_checkpoint_without_pruner_state_is_refused(tmp_path):
-    plain = tmp_path / "checkpoint-1"
-    plain.mkdir()
+    source = tmp_path / "source"
+    LoSparseTrainer(model=_model(), args=_args(source, save_strategy="steps", save_steps=4),
+                    train_dataset=ToyDataset(), losparse_config=LoSparseConfig(**CONFIG)).train()
+    plain = tmp_path / "checkpoint-4"
+    shutil.copytree(source / "checkpoint-4", plain)
+    for name in (losparse.pruner.PRUNER_STATE_FILE, losparse.pruner.PRUNER_META_FILE):
+        os.remove(plain / name)
     trainer = LoSparseTrainer(model=_model(), args=_args(tmp_path), train_dataset=ToyDataset(),
                               losparse_config=LoSparseConfig(**CONFIG))
-    with pytest.raises((LoSparseUsageError, ValueError, OSError)):
+    with pytest.raises(LoSparseUsageError, match="lacks losparse_pruner.safetensors, losparse_pruner.json"):
         trainer.train(resume_from_checkpoint=str(plain))
 
 

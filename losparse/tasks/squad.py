@@ -13,7 +13,7 @@ and `eval_f1`; it composes with `LoSparseTrainerMixin` like any other Trainer su
 
 from __future__ import annotations
 
-import json
+import logging
 import math
 import time
 from collections import defaultdict
@@ -25,10 +25,12 @@ from transformers import Trainer
 from transformers.trainer_utils import speed_metrics
 
 from ..errors import LoSparseUsageError
-from .common import check_local_files
+from ..preflight import check_max_length
+from .common import check_local_files, describe, is_blank, load_json
 from ..metrics import squad_metrics
 from ..trainer import LoSparseTrainerMixin
 
+logger = logging.getLogger("losparse")
 SQUAD_TASKS = ("squad",)
 DATA_EXTENSIONS = ("json", "jsonl")
 EVAL_ONLY_COLUMNS = ("example_id", "offset_mapping")
@@ -106,26 +108,6 @@ def _not_squad(flag: str, path: str, detail: str) -> LoSparseUsageError:
     return LoSparseUsageError(f"--{flag} {path!r} is not SQuAD-shaped: {EXPECTED_LAYOUT} ({detail})")
 
 
-def _read_json_records(flag: str, path: str) -> Any:
-    """The parsed document: one JSON value, or the list of records of a JSON-lines file."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if not path.lower().endswith(".jsonl"):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError:
-            pass
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise LoSparseUsageError(f"--{flag} {path!r} is not valid JSON or JSON lines (line {number}: "
-                                         f"{exc.msg})") from None
-    return records
-
-
 def _check_row(row: Any, where: str) -> dict[str, Any]:
     """One flattened question, type-checked; raises ValueError(detail) when it is not SQuAD-shaped."""
     if not isinstance(row, Mapping):
@@ -153,13 +135,18 @@ def _check_row(row: Any, where: str) -> dict[str, Any]:
     return flat
 
 
-def _flatten_official(articles: list[Any]) -> list[dict[str, Any]]:
+def _inside(base: str, path: str) -> str:
+    """`data[0].paragraphs[1]` inside a JSON path, `line 3: paragraphs[1]` inside a line or record."""
+    return f"{base}.{path}" if base.startswith("data[") else f"{base}: {path}"
+
+
+def _flatten_official(articles: list[Any], wheres: list[str]) -> list[tuple[dict[str, Any], str]]:
     rows = []
-    for a, article in enumerate(articles):
+    for article, article_at in zip(articles, wheres):
         if not isinstance(article, Mapping) or not isinstance(article.get("paragraphs"), list):
-            raise ValueError(f"data[{a}] has no 'paragraphs' list")
+            raise ValueError(f"{article_at} has no 'paragraphs' list")
         for p, paragraph in enumerate(article["paragraphs"]):
-            where = f"data[{a}].paragraphs[{p}]"
+            where = _inside(article_at, f"paragraphs[{p}]")
             if not isinstance(paragraph, Mapping) or not isinstance(paragraph.get("qas"), list):
                 raise ValueError(f"{where} has no 'qas' list")
             for q, qa in enumerate(paragraph["qas"]):
@@ -172,36 +159,92 @@ def _flatten_official(articles: list[Any]) -> list[dict[str, Any]]:
                        "question": qa.get("question"),
                        "answers": {"text": [ans["text"] for ans in qa["answers"]],
                                    "answer_start": [ans["answer_start"] for ans in qa["answers"]]}}
-                rows.append(_check_row({k: v for k, v in row.items() if v is not None}, f"{where}.qas[{q}]"))
+                row_at = f"{where}.qas[{q}]"
+                rows.append((_check_row({k: v for k, v in row.items() if v is not None}, row_at), row_at))
     return rows
+
+
+def _items(path: str, flag: str) -> tuple[list[Any], list[str]]:
+    """The articles or records of a file, each with where it is (`data[3]`, `record 4`, `line 5`)."""
+    document, locations = load_json(path, flag)
+    if locations is not None:
+        return document, locations
+    if isinstance(document, Mapping):
+        items = document.get("data")
+        return items, [f"data[{i}]" for i in range(len(items))] if isinstance(items, list) else []
+    if isinstance(document, list):
+        return document, [f"record {i + 1}" for i in range(len(document))]
+    return document, []
+
+
+def _misaligned(row: dict[str, Any], first_only: bool) -> list[tuple[str, int, str]]:
+    """(answer, answer_start, what the context holds there) for answers that answer_start does not point at."""
+    pairs = list(zip(row["answers"]["text"], row["answers"]["answer_start"]))
+    found = []
+    for text, start in pairs[:1] if first_only else pairs:
+        there = row["context"][start:start + len(text)] if start >= 0 else ""
+        if there != text:
+            found.append((text, start, there))
+    return found
+
+
+def _check_content(rows: list[tuple[dict[str, Any], str]], flag: str, path: str) -> None:
+    """No empty context, question or answer; in a training file the first answer (the label) is where it says.
+
+    A validation answer's answer_start is not used (metrics compare answer texts), so misaligned ones
+    there are only counted and reported.
+    """
+    name = f"--{flag} {path!r}"
+    training = flag == "train_file"
+    misaligned = []
+    for row, where in rows:
+        for key in ("context", "question"):
+            if is_blank(row[key]):
+                raise LoSparseUsageError(f"{name} {where} (id {row['id']!r}) has an empty {key}")
+        if any(is_blank(text) for text in row["answers"]["text"]):
+            raise LoSparseUsageError(f"{name} {where} (id {row['id']!r}) has an empty answer text")
+        bad = _misaligned(row, first_only=training)
+        if bad and training:
+            text, start, there = bad[0]
+            raise LoSparseUsageError(
+                f"{name} {where} (id {row['id']!r}): answer_start {start} points at {describe(there)} in the context, "
+                f"not at the answer {describe(text)}; fix answer_start (it is the training label)"
+            )
+        misaligned += [(where, row["id"], *b) for b in bad]
+    if misaligned:
+        where, qid, text, start, there = misaligned[0]
+        logger.warning("%s: %d answers whose answer_start does not point at their text (first: %s, id %r, "
+                       "answer_start %d points at %s, not %s); kept, since evaluation compares answer texts only",
+                       name, len(misaligned), where, qid, start, describe(there), describe(text))
 
 
 def read_squad_file(path: str, flag: str = "train_file") -> list[dict[str, Any]]:
     """Flattened rows {id, title?, context, question, answers{text, answer_start}} of a local file.
 
     Detects the layout: the official nested SQuAD JSON, or one record per question (a JSON list,
-    JSON lines, or {"data": [records]}). Raises `LoSparseUsageError` for anything else.
+    JSON lines, or {"data": [records]}). Raises `LoSparseUsageError` for anything else, for empty
+    contexts, questions or answers, and for a training answer that answer_start does not point at.
     """
-    document = _read_json_records(flag, path)
-    items = document.get("data") if isinstance(document, Mapping) else document
+    items, wheres = _items(path, flag)
     if not isinstance(items, list) or not items:
         raise _not_squad(flag, path, "found no list of articles or records")
     try:
         if isinstance(items[0], Mapping) and "paragraphs" in items[0]:
-            rows = _flatten_official(items)
+            located = _flatten_official(items, wheres)
         else:
-            rows = [_check_row(item, f"record {i}") for i, item in enumerate(items)]
+            located = [(_check_row(item, where), where) for item, where in zip(items, wheres)]
     except ValueError as exc:
         raise _not_squad(flag, path, str(exc)) from None
-    if not rows:
+    if not located:
         raise _not_squad(flag, path, "it holds no questions")
+    _check_content(located, flag, path)
     seen: set[str] = set()
-    for row in rows:
+    for row, where in located:
         if row["id"] in seen:
-            raise LoSparseUsageError(f"--{flag} {path!r} has the question id {row['id']!r} twice; ids must be "
+            raise LoSparseUsageError(f"--{flag} {path!r} {where} repeats the question id {row['id']!r}; ids must be "
                                      "unique (predictions are keyed by id)")
         seen.add(row["id"])
-    return rows
+    return [row for row, _ in located]
 
 
 def load_raw_datasets(data_args: SquadDataArguments, cache_dir: Optional[str] = None):
@@ -229,6 +272,14 @@ def load_raw_datasets(data_args: SquadDataArguments, cache_dir: Optional[str] = 
             rows = [{"title": "", **row} for row in rows]
         splits[split] = Dataset.from_list(rows)
     return DatasetDict(splits)
+
+
+def load_data(data_args: SquadDataArguments, model_args: Any, model_config: Any):
+    """`load_raw_datasets`, then --max_seq_length checked against the model's positions (its `AutoConfig`)."""
+    raw = load_raw_datasets(data_args, cache_dir=model_args.cache_dir)
+    check_max_length("max_seq_length", data_args.max_seq_length, model_config, model_args.model_name_or_path)
+    logger.info("Data: %d training and %d validation questions", len(raw["train"]), len(raw["validation"]))
+    return raw
 
 
 # ---------------------------------------------------------------------------------------------

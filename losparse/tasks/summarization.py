@@ -13,17 +13,21 @@ by the same code.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import numpy as np
 
 from ..errors import LoSparseUsageError
-from .common import check_local_files, file_extension
 from ..metrics import lead_n, rouge_scores
+from ..preflight import check_max_length
+from .common import check_local_files, read_table
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
+
+logger = logging.getLogger("losparse")
 
 
 @dataclass(frozen=True)
@@ -145,39 +149,68 @@ class SummarizationDataArguments:
         return self.dataset_name is None
 
 
+def _read_local(data_args: SummarizationDataArguments) -> "DatasetDict":
+    """The local files' article and summary columns; a bad file, a missing column or an empty cell is a
+    usage error naming the file and the line."""
+    from datasets import Dataset, DatasetDict
+
+    raw = DatasetDict()
+    for split, flag in (("train", "train_file"), ("validation", "validation_file")):
+        path = getattr(data_args, flag)
+        if path is None:
+            continue
+        table = read_table(path, flag)
+        for column_flag, what in (("text_column", "article"), ("summary_column", "summary")):
+            column = getattr(data_args, column_flag)
+            if column not in table.columns:
+                raise LoSparseUsageError(f"--{column_flag} {column!r} is not a column of {table.name} "
+                                         f"(columns: {table.column_list()})")
+        raw[split] = Dataset.from_dict({data_args.text_column: table.texts(data_args.text_column, "article"),
+                                        data_args.summary_column: table.texts(data_args.summary_column, "summary")})
+    return raw
+
+
 def load_raw_datasets(data_args: SummarizationDataArguments, cache_dir: Optional[str] = None) -> "DatasetDict":
     """A DatasetDict with "validation" (and "train" unless a local --lead3 run has no training file).
 
     Both splits are already cut to --max_train_samples / --max_eval_samples, so the Lead-3
     baseline, the ROUGE of the model and generated_predictions.txt all see the same articles.
-    Raises `LoSparseUsageError` if --text_column or --summary_column is missing from a split.
+    Raises `LoSparseUsageError` if --text_column or --summary_column is missing from a split, and
+    for a local file that cannot be read or has an empty article or summary.
     """
     from datasets import DatasetDict, load_dataset
 
     if data_args.uses_local_files:
-        files = {"train": data_args.train_file, "validation": data_args.validation_file}
-        raw = DatasetDict()
-        for split, path in files.items():
-            if path is None:
-                continue
-            builder = "csv" if file_extension(path) == "csv" else "json"
-            raw[split] = load_dataset(builder, data_files={split: path}, cache_dir=cache_dir)[split]
-        sources = files
+        raw = _read_local(data_args)
     else:
         spec = SUMMARIZATION_DATASETS[data_args.dataset_name]
         hub = load_dataset(spec.path, spec.config, cache_dir=cache_dir)
         raw = DatasetDict(train=hub["train"], validation=hub["validation"])
-        sources = {split: f"{spec.path} ({split} split)" for split in raw}
-    for split, dataset in raw.items():
-        for flag in ("text_column", "summary_column"):
-            column = getattr(data_args, flag)
-            if column not in dataset.column_names:
-                raise LoSparseUsageError(f"--{flag} {column!r} is not a column of {sources[split]} "
-                                         f"(columns: {', '.join(dataset.column_names)})")
+        for split, dataset in raw.items():
+            for flag in ("text_column", "summary_column"):
+                column = getattr(data_args, flag)
+                if column not in dataset.column_names:
+                    raise LoSparseUsageError(f"--{flag} {column!r} is not a column of {spec.path} ({split} split) "
+                                             f"(columns: {', '.join(dataset.column_names)})")
     limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples}
     for split, limit in limits.items():
         if split in raw and limit is not None:
             raw[split] = raw[split].select(range(min(limit, len(raw[split]))))
+    return raw
+
+
+def check_lengths(data_args: SummarizationDataArguments, model_config: Any, model_name_or_path: str) -> None:
+    """Source and target token limits must fit the model's positions (read from its `AutoConfig`)."""
+    for flag in ("max_source_length", "max_target_length", "val_max_target_length"):
+        check_max_length(flag, getattr(data_args, flag), model_config, model_name_or_path)
+
+
+def load_data(data_args: SummarizationDataArguments, model_args: Any, model_config: Any) -> "DatasetDict":
+    """`load_raw_datasets`, then `check_lengths`: everything about the data that needs no weights."""
+    raw = load_raw_datasets(data_args, cache_dir=model_args.cache_dir)
+    check_lengths(data_args, model_config, model_args.model_name_or_path)
+    logger.info("Data: articles from column %r, summaries from %r; %s", data_args.text_column,
+                data_args.summary_column, ", ".join(f"{len(d)} {split}" for split, d in raw.items()))
     return raw
 
 
