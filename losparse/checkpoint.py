@@ -15,6 +15,7 @@ checkpoint recorded and names every difference.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -152,7 +153,9 @@ def check_same_compression(checkpoint: str, config: Any, max_steps: Optional[int
     differences = []
     recorded = recorded_config(checkpoint)
     if recorded is not None:
-        differences += compression_differences(recorded, config.to_dict())
+        # A field the checkpoint does not name was added later; the run that wrote it had its default.
+        defaults = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
+        differences += compression_differences({**defaults, **recorded}, config.to_dict())
     if max_steps is not None:
         before = recorded_max_steps(checkpoint)
         if before is not None and before != max_steps:

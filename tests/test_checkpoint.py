@@ -194,3 +194,15 @@ def test_models_whose_loss_is_a_batch_mean_do_not_take_num_items_in_batch():
     llama = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=2))
     assert loss_uses_num_items(llama)
+
+
+def test_a_checkpoint_from_before_a_field_existed_is_compared_with_that_fields_default(tmp_path):
+    path = _checkpoint_with_config(tmp_path)
+    with open(os.path.join(path, "losparse_pruner.json")) as f:
+        meta = json.load(f)
+    del meta["config"]["pruning_variant"]
+    with open(os.path.join(path, "losparse_pruner.json"), "w") as f:
+        json.dump(meta, f)
+    check_same_compression(path, LoSparseConfig(**CONFIG), max_steps=8)
+    with pytest.raises(LoSparseUsageError, match="--pruning_variant: checkpoint 'paper', this run 'reference'"):
+        check_same_compression(path, LoSparseConfig(**CONFIG, pruning_variant="reference"), max_steps=8)
