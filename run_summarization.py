@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -67,6 +68,27 @@ def run_lead3(data_args: summarization.SummarizationDataArguments, model_args: M
     return results
 
 
+def evaluate_with_generation(trainer: Seq2SeqTrainer, dataset, tokenizer, data_collator, compute_metrics) -> dict:
+    """One generation pass over `dataset`: the ROUGE metrics (logged by `trainer`) and PREDICTIONS_FILE.
+
+    Generation settings come from `trainer.args`. A trainer built with `--predict_with_generate false`
+    (loss-only evaluations during training) is not switched over: the pass runs on a generating
+    `Seq2SeqTrainer` built for it, over the same model.
+    """
+    generator = trainer
+    if not trainer.args.predict_with_generate:
+        generator = Seq2SeqTrainer(
+            model=trainer.model, args=dataclasses.replace(trainer.args, predict_with_generate=True, report_to="none"),
+            data_collator=data_collator, processing_class=tokenizer, compute_metrics=compute_metrics)
+    output = generator.predict(dataset, metric_key_prefix="eval")
+    trainer.log(output.metrics)
+    if trainer.is_world_process_zero():
+        os.makedirs(trainer.args.output_dir, exist_ok=True)
+        summarization.write_predictions(os.path.join(trainer.args.output_dir, PREDICTIONS_FILE),
+                                        summarization.decode_ids(tokenizer, output.predictions))
+    return output.metrics
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     model_args, data_args, losparse_config, distill_args, run_args, training_args = parse_arguments(
         (SummarizationModelArguments, summarization.SummarizationDataArguments, LoSparseConfig, DistillationArguments,
@@ -92,42 +114,30 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     tokenized = summarization.preprocess(raw, tokenizer, data_args)
 
     model, teacher = load_models(AutoModelForSeq2SeqLM, model_args, distill_args)
-
+    # Generation settings go into the arguments before the trainer is built; nothing is changed on it later.
     if training_args.generation_max_length is None:
         training_args.generation_max_length = data_args.val_max_target_length
     if data_args.num_beams is not None:
         training_args.generation_num_beams = data_args.num_beams
     compute_metrics = summarization.make_compute_metrics(tokenizer)
+    collator = DataCollatorForSeq2Seq(tokenizer, model=model)
     trainer = make_trainer(
         Seq2SeqTrainer, losparse_config, distill_args, teacher,
         allow_resume_config_change=run_args.allow_resume_config_change, model=model, args=training_args,
-        train_dataset=tokenized["train"],
-        eval_dataset=tokenized["validation"], processing_class=tokenizer,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, model=model),
-        compute_metrics=compute_metrics if training_args.predict_with_generate else None,
+        train_dataset=tokenized["train"], eval_dataset=tokenized["validation"], processing_class=tokenizer,
+        data_collator=collator, compute_metrics=compute_metrics if training_args.predict_with_generate else None,
     )
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
-    max_length, num_beams = training_args.generation_max_length, training_args.generation_num_beams
-
     def evaluate() -> dict:
-        # One generation pass gives both the ROUGE metrics and the texts written to PREDICTIONS_FILE.
-        trainer.args.predict_with_generate = True
-        trainer.compute_metrics = compute_metrics
-        output = trainer.predict(tokenized["validation"], metric_key_prefix="eval", max_length=max_length,
-                                 num_beams=num_beams)
-        trainer.log(output.metrics)
-        if trainer.is_world_process_zero():
-            os.makedirs(training_args.output_dir, exist_ok=True)
-            summarization.write_predictions(os.path.join(training_args.output_dir, PREDICTIONS_FILE),
-                                            summarization.decode_ids(tokenizer, output.predictions))
-        return output.metrics
+        return evaluate_with_generation(trainer, tokenized["validation"], tokenizer, collator, compute_metrics)
 
     return finish_run(trainer, tokenizer, evaluate, losparse_config, train_result.metrics, distill_args=distill_args,
                       extra_results={
         "task_name": data_args.task_name, "dataset_name": data_args.dataset_name,
-        "model_name_or_path": model_args.model_name_or_path, "generation_max_length": max_length,
-        "generation_num_beams": num_beams,
+        "model_name_or_path": model_args.model_name_or_path,
+        "generation_max_length": training_args.generation_max_length,
+        "generation_num_beams": training_args.generation_num_beams,
     })
 
 

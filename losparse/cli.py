@@ -4,13 +4,8 @@ Configuration has one source of truth per concern — a dataclass (`LoSparseConf
 arguments, `TrainingArguments`, ...). A `--config FILE.yaml` fills them and explicit CLI flags win:
 the YAML is turned into flags placed *before* the user's, and argparse keeps the last value given.
 
-YAML layout (every key must be a field of one of the script's dataclasses):
-    key: value                 # applies to every task
-    tasks:
-      mnli:
-        key: value             # applies to --task_name mnli
-        ratios:
-          0.2: {key: value}    # applies to --remaining_ratio 0.2
+Every YAML key must be a field of one of the script's dataclasses; the table layout and its
+resolution order are `losparse.yaml_config`'s (the one resolver, shared with scripts/reproduce.py).
 """
 
 from __future__ import annotations
@@ -18,18 +13,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
-import os
-import re
 import logging
+import os
 import shutil
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 from .errors import LoSparseUsageError
-
-_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+from .yaml_config import resolve_yaml_config, to_flags
 
 
 @dataclass
@@ -75,90 +67,8 @@ def run_main(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Sequ
         fail(str(exc))
 
 
-def coerce_number(value: Any) -> Any:
-    """YAML 1.1 reads `1e-4` (no dot) as a string: turn number-looking strings into numbers."""
-    if isinstance(value, str) and _NUMBER.match(value.strip()):
-        text = value.strip()
-        return int(text) if re.fullmatch(r"[+-]?\d+", text) else float(text)
-    return value
-
-
 def _field_names(dataclass_types: Sequence[type]) -> set[str]:
     return {f.name for t in dataclass_types for f in dataclasses.fields(t)}
-
-
-def _select_ratio(ratios: dict[Any, Any], ratio: float, where: str) -> dict[str, Any]:
-    for key, values in ratios.items():
-        if math.isclose(float(coerce_number(key)), ratio, rel_tol=0, abs_tol=1e-9):
-            return values or {}
-    available = ", ".join(str(coerce_number(k)) for k in ratios)
-    raise LoSparseUsageError(f"--remaining_ratio {ratio} has no entry under {where}.ratios; available: {available}")
-
-
-def resolve_yaml_config(path: str, task_name: Optional[str], remaining_ratio: Optional[float],
-                        allowed_keys: set[str]) -> dict[str, Any]:
-    """Flatten a YAML table for one task and ratio into {argument name: value}."""
-    import yaml
-
-    if not os.path.isfile(path):
-        raise LoSparseUsageError(f"--config {path!r} does not exist")
-    try:
-        with open(path) as f:
-            table = yaml.safe_load(f) or {}
-    except yaml.YAMLError as exc:
-        raise LoSparseUsageError(f"--config {path!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(table, dict):
-        raise LoSparseUsageError(f"--config {path!r} must hold a mapping of argument names to values")
-    top_level = {k: v for k, v in table.items() if k != "tasks"}
-    values: dict[str, Any] = dict(top_level)
-    sections = [("top level", top_level)]
-    tasks = table.get("tasks") or {}
-    task_section: dict[str, Any] = {}
-    if tasks:
-        task_name = task_name or table.get("task_name")
-        if task_name is None:
-            raise LoSparseUsageError(f"--config {path!r} has per-task sections ({', '.join(tasks)}); pass --task_name")
-        if task_name not in tasks:
-            raise LoSparseUsageError(
-                f"--task_name {task_name!r} is not in --config {path!r}; available: {', '.join(tasks)}"
-            )
-        task_section = dict(tasks[task_name] or {})
-        ratios = task_section.pop("ratios", None)
-        sections.append((f"tasks.{task_name}", task_section))
-        values.update(task_section)
-        if ratios:
-            ratio = remaining_ratio if remaining_ratio is not None else values.get("remaining_ratio")
-            if ratio is None:
-                raise LoSparseUsageError(
-                    f"--config {path!r} has per-ratio values for {task_name}; pass --remaining_ratio"
-                )
-            ratio_section = _select_ratio(ratios, float(coerce_number(ratio)), f"tasks.{task_name}")
-            sections.append((f"tasks.{task_name}.ratios", ratio_section))
-            values.update(ratio_section)
-    for where, section in sections:
-        for key in section:
-            if key not in allowed_keys:
-                raise LoSparseUsageError(
-                    f"unknown key {key!r} in --config {path!r} ({where}); keys must be argument names of this "
-                    "script (see --help)"
-                )
-    return {k: coerce_number(v) for k, v in values.items()}
-
-
-def _to_flags(values: dict[str, Any]) -> list[str]:
-    flags: list[str] = []
-    for key, value in values.items():
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            flags += [f"--{key}", str(value).lower()]
-        elif isinstance(value, (list, tuple)):
-            flags += [f"--{key}", *map(str, value)]
-        elif isinstance(value, dict):
-            flags += [f"--{key}", json.dumps(value)]
-        else:
-            flags += [f"--{key}", str(value)]
-    return flags
 
 
 def _gives_flag(argv: Sequence[str], flag: str) -> bool:
@@ -182,7 +92,7 @@ def parse_arguments(dataclass_types: Sequence[type], argv: Optional[Sequence[str
     if known.config:
         values = resolve_yaml_config(known.config, known.task_name, known.remaining_ratio,
                                      _field_names(dataclass_types))
-        yaml_flags = _to_flags(values)
+        yaml_flags = to_flags(values)
     wants_help = _gives_flag(argv, "--help") or _gives_flag(argv, "-h")
     if "output_dir" in _field_names(dataclass_types) and not wants_help and not _gives_flag(yaml_flags + argv,
                                                                                              "--output_dir"):
@@ -359,7 +269,10 @@ def load_models(auto_class: Any, model_args: Any, distill_args: Any = None, **mo
     """The student and, when distilling, the frozen teacher.
 
     A `--model_name_or_path` that is a LoSparse compact checkpoint is loaded as such (`losparse.load`):
-    training then continues on the compressed model, which is the distillation "after" stage.
+    training then continues on the compressed model, which is the distillation "after" stage. Where
+    that model was compressed from (`model.compressed_from`) comes from the checkpoint's own manifest
+    (`base_model`); a checkpoint written before the manifest recorded it falls back to the
+    `model_name_or_path` of the all_results.json beside it.
     """
     from .distill import load_teacher
     from .export import LOSPARSE_CONFIG_FILE, load
@@ -368,7 +281,7 @@ def load_models(auto_class: Any, model_args: Any, distill_args: Any = None, **mo
     if os.path.isfile(os.path.join(path, LOSPARSE_CONFIG_FILE)):
         model = load(path).train()
         previous = os.path.join(path, "all_results.json")
-        if os.path.isfile(previous):
+        if model.compressed_from is None and os.path.isfile(previous):
             with open(previous) as f:
                 model.compressed_from = json.load(f).get("model_name_or_path")
     elif distill_args is not None and distill_args.enabled and distill_args.distill_stage == "after":
@@ -386,29 +299,27 @@ def load_models(auto_class: Any, model_args: Any, distill_args: Any = None, **mo
 
 def make_trainer(trainer_class: type, losparse_config: Any, distill_args: Any = None, teacher_model: Any = None,
                  allow_resume_config_change: bool = False, **trainer_kwargs: Any) -> Any:
-    """`trainer_class` with what the run needs composed in front of it, so any task trainer gains
-    pruning and distillation without a copy of it:
-      - LoSparse pruning when the method decomposes and the model is not compressed yet (`apply` runs here);
-      - knowledge distillation when a teacher is given.
+    """The run's trainer: `compose_trainer(trainer_class, prune=..., distill=...)`, built once with all it needs.
+
+      - prune when the method decomposes and the model is not decomposed yet; this is the run scripts'
+        one call of `apply(model, losparse_config)`, made here before the trainer is built;
+      - distill when a teacher is given.
+    `declare_loss_kwargs(model)` runs before construction whatever is composed: the Trainer reads it in
+    `__init__` (without it DDP runs train on a loss N times too large).
     """
     from .decompose import apply, losparse_layers
-    from .distill import DistillationTrainerMixin
-    from .trainer import LoSparseTrainerMixin, declare_loss_kwargs
+    from .trainer import compose_trainer, declare_loss_kwargs
 
-    declare_loss_kwargs(trainer_kwargs["model"])
-    bases = [trainer_class]
-    if teacher_model is not None:
-        bases.insert(0, DistillationTrainerMixin)
-        trainer_kwargs.update(teacher_model=teacher_model, distill_args=distill_args)
-    if losparse_config.method_spec.decomposes and not losparse_layers(trainer_kwargs["model"]):
-        apply(trainer_kwargs["model"], losparse_config)
-        bases.insert(0, LoSparseTrainerMixin)
+    model = trainer_kwargs["model"]
+    declare_loss_kwargs(model)
+    prune = losparse_config.method_spec.decomposes and not losparse_layers(model)
+    distill = teacher_model is not None
+    if prune:
+        apply(model, losparse_config)
         trainer_kwargs["allow_resume_config_change"] = allow_resume_config_change
-    if len(bases) == 1:
-        return trainer_class(**trainer_kwargs)
-    names = {LoSparseTrainerMixin: "LoSparse", DistillationTrainerMixin: "Distillation"}
-    name = "".join(names.get(b, "") for b in bases) + trainer_class.__name__
-    return type(name, tuple(bases), {})(**trainer_kwargs)
+    if distill:
+        trainer_kwargs.update(teacher_model=teacher_model, distill_args=distill_args)
+    return compose_trainer(trainer_class, prune=prune, distill=distill)(**trainer_kwargs)
 
 
 def finish_run(trainer: Any, tokenizer: Any, evaluate: Callable[[], dict[str, float]], losparse_config: Any,
@@ -437,7 +348,8 @@ def finish_run(trainer: Any, tokenizer: Any, evaluate: Callable[[], dict[str, fl
     if trainer.is_world_process_zero():
         if losparse_layers(model):
             report = parameter_report(model)
-            save(model, output_dir, tokenizer=tokenizer)
+            save(model, output_dir, tokenizer=tokenizer, base_model=getattr(model, "compressed_from", None)
+                 or (extra_results or {}).get("model_name_or_path"))
         else:
             total = sum(p.numel() for p in model.parameters())
             report = {"remaining_ratio": 1.0, "model_params": total, "model_params_dense": total, "num_layers": 0}

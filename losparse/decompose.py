@@ -14,40 +14,11 @@ from torch import nn
 
 from .config import LoSparseConfig
 from .errors import LoSparseUsageError
-from .layers import CompactLoSparseLinear, LoSparseLinear
+from .families import builtin_target_modules
+from .layers import CompactLoSparseLinear, LoSparseLinear, dense_features, dense_type_of, dense_weight_of
 from .methods import rank_ratio
 
 logger = logging.getLogger(__name__)
-
-_BERT_LIKE = [
-    r"(.*\.)?encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
-    r"|intermediate\.dense|output\.dense)"
-]
-
-#: Backbone linear layers per `config.model_type`: attention q/k/v/output, FFN in/out, and
-#: cross-attention for encoder-decoders. Embeddings, LayerNorm, pooler and task heads never match.
-BUILTIN_TARGET_MODULES: dict[str, list[str]] = {
-    "bert": _BERT_LIKE,
-    "roberta": _BERT_LIKE,
-    "xlm-roberta": _BERT_LIKE,
-    "electra": _BERT_LIKE,
-    "deberta-v2": [
-        r"(.*\.)?encoder\.layer\.\d+\.(attention\.self\.(query_proj|key_proj|value_proj|pos_key_proj|pos_query_proj)"
-        r"|attention\.output\.dense|intermediate\.dense|output\.dense)"
-    ],
-    "mpnet": [r"(.*\.)?encoder\.layer\.\d+\.(attention\.attn\.(q|k|v|o)|intermediate\.dense|output\.dense)"],
-    "bart": [
-        r"(.*\.)?(encoder|decoder)\.layers\.\d+\.((self_attn|encoder_attn)\.(q_proj|k_proj|v_proj|out_proj)|fc1|fc2)"
-    ],
-    "t5": [
-        r"(.*\.)?(encoder|decoder)\.block\.\d+\.layer\.\d+\."
-        r"((SelfAttention|EncDecAttention)\.(q|k|v|o)|DenseReluDense\.(wi|wo|wi_0|wi_1))"
-    ],
-    "llama": [
-        r"(.*\.)?layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
-    ],
-}
-
 
 def rank_for_ratio(out_features: int, in_features: int, low_rank_ratio: float) -> int:
     """k = ceil(r·out·in / (out+in)): the rank whose U, V hold a share r of the matrix's parameters.
@@ -166,29 +137,23 @@ def _compile_patterns(patterns: Optional[list[str]], flag: str) -> None:
             raise LoSparseUsageError(f"--{flag} {pattern!r} is not a valid regular expression ({exc})") from None
 
 
-def find_target_modules(model: nn.Module, config: LoSparseConfig) -> list[tuple[str, nn.Linear]]:
-    """The `nn.Linear` modules to decompose, as (qualified name, module) pairs.
+def find_target_modules(model: nn.Module, config: LoSparseConfig) -> list[tuple[str, nn.Module]]:
+    """The dense layers to decompose, as (qualified name, module) pairs.
 
     User patterns (`target_modules`, regexes matched against the *whole* module name) or module class
-    names (`target_module_types`) win over the built-in list for the model type; `exclude_modules`
-    removes names afterwards. Only `nn.Linear` is ever targeted.
+    names (`target_module_types`) win over the family's registered patterns (`losparse.families`, by
+    `config.model_type`); `exclude_modules` removes names afterwards. Only dense layers are ever
+    targeted: `nn.Linear` and transformers' GPT-2 `Conv1D`.
     """
     _compile_patterns(config.target_modules, "target_modules")
     _compile_patterns(config.exclude_modules, "exclude_modules")
     patterns = config.target_modules
     types = set(config.target_module_types or ())
     if patterns is None and not types:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in BUILTIN_TARGET_MODULES:
-            raise LoSparseUsageError(
-                f"no built-in target list for model type {model_type!r} (built in: "
-                f"{', '.join(sorted(BUILTIN_TARGET_MODULES))}); pass --target_modules REGEX... "
-                "or --target_module_types Linear with --exclude_modules REGEX..."
-            )
-        patterns = BUILTIN_TARGET_MODULES[model_type]
+        patterns = builtin_target_modules(getattr(getattr(model, "config", None), "model_type", None))
     found = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or isinstance(module, (LoSparseLinear, CompactLoSparseLinear)):
+        if dense_type_of(module) is None:
             continue
         wanted = _matches_any(name, patterns) or type(module).__name__ in types
         if wanted and not _matches_any(name, config.exclude_modules):
@@ -196,11 +161,11 @@ def find_target_modules(model: nn.Module, config: LoSparseConfig) -> list[tuple[
     return found
 
 
-def require_targets(model: nn.Module, config: LoSparseConfig) -> list[tuple[str, nn.Linear]]:
+def require_targets(model: nn.Module, config: LoSparseConfig) -> list[tuple[str, nn.Module]]:
     """`find_target_modules`, but an empty result is a usage error that lists some linear layer names."""
     targets = find_target_modules(model, config)
     if not targets:
-        linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        linear_names = [n for n, m in model.named_modules() if dense_type_of(m) is not None]
         sample = ", ".join(linear_names[:6]) + (", ..." if len(linear_names) > 6 else "")
         raise LoSparseUsageError(
             f"no module matches the targets (target_modules={config.target_modules}, "
@@ -217,16 +182,18 @@ def set_submodule(model: nn.Module, name: str, new_module: nn.Module) -> None:
 
 
 @torch.no_grad()
-def decompose_linear(linear: nn.Linear, low_rank_ratio: Optional[float], prune_dim: str = "rows",
+def decompose_linear(linear: nn.Module, low_rank_ratio: Optional[float], prune_dim: str = "rows",
                      has_sparse: bool = True, rank: Optional[int] = None, svd_solver: str = "exact",
                      svd_device: str = "auto") -> LoSparseLinear:
-    """Replace-ready `LoSparseLinear` with U·V + S == linear.weight (to float rounding).
+    """Replace-ready `LoSparseLinear` with U·V + S == W, the (out, in) weight of `linear` (to float rounding).
 
+    `linear` is an `nn.Linear` or a GPT-2 `Conv1D` (whose stored weight is Wᵀ); the layer computes the
+    same function either way and remembers the type for `merge`.
     The rank is `rank` if given, else k = ceil(r·out·in/(out+in)) for r = `low_rank_ratio`, else 0:
     no low-rank part (S = W, for pruning baselines). `has_sparse=False` keeps only U·V (the SVD
     truncation, for low-rank baselines). `svd_solver`, `svd_device`: see `svd_split`.
     """
-    weight = linear.weight
+    weight = dense_weight_of(linear)
     out_features, in_features = weight.shape
     if rank is None:
         rank = rank_for_ratio(out_features, in_features, low_rank_ratio) if low_rank_ratio is not None else 0
@@ -239,6 +206,7 @@ def decompose_linear(linear: nn.Linear, low_rank_ratio: Optional[float], prune_d
         prune_dim=prune_dim,
         device=weight.device,
         dtype=weight.dtype,
+        dense_type=dense_type_of(linear),
     )
     work_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     remainder = weight.to(work_dtype)
@@ -249,7 +217,7 @@ def decompose_linear(linear: nn.Linear, low_rank_ratio: Optional[float], prune_d
         remainder = remainder - u.to(work_dtype) @ v.to(work_dtype)
     if has_sparse:
         layer.sparse.copy_(remainder)
-        layer.sparse.requires_grad_(linear.weight.requires_grad)
+        layer.sparse.requires_grad_(weight.requires_grad)
     if linear.bias is not None:
         layer.bias.copy_(linear.bias)
     return layer
@@ -287,7 +255,7 @@ def apply(model: nn.Module, config: LoSparseConfig) -> nn.Module:
     started = time.perf_counter()
     ranks: list[Optional[int]] = [None] * len(targets)
     if spec.rank_from == "remaining_ratio":
-        ranks = allocate_ranks([tuple(linear.weight.shape) for _, linear in targets], share)
+        ranks = allocate_ranks([dense_features(linear) for _, linear in targets], share)
     for (name, linear), rank in zip(targets, ranks):
         set_submodule(model, name, decompose_linear(linear, share, config.prune_dim, has_sparse=spec.has_sparse,
                                                     rank=rank, svd_solver=config.svd_solver,

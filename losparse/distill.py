@@ -7,17 +7,17 @@ The student is the model being compressed; the teacher is any fine-tuned checkpo
 hidden size (`load_teacher` reads a plain transformers checkpoint or a LoSparse compact one). Two
 stages, selected by `DistillationArguments.distill_stage`:
 
-  during  distil while LoSparse prunes: compose both mixins,
-          `class T(LoSparseTrainerMixin, DistillationTrainerMixin, Trainer)`.
+  during  distil while LoSparse prunes: `compose_trainer(base, prune=True, distill=True)`.
   after   a second stage on an already compressed checkpoint (what the public reference code does:
           Appendix E.2 "we first prune the model ... then conduct layer-wise distillation"): the student
-          is a compact model from `losparse.load`, trained without the pruner,
-          `class T(DistillationTrainerMixin, Trainer)`.
+          is a compact model from `losparse.load`, trained without the pruner:
+          `compose_trainer(base, prune=False, distill=True)`.
 
-`DistillationTrainerMixin` composes with any Trainer subclass (QA, seq2seq) in any order with
-`LoSparseTrainerMixin`; `with_distillation(trainer_class)` builds such a class. The distillation term
-is added only while the model trains: evaluation losses stay the plain task loss, comparable with
-runs without a teacher.
+`losparse.compose_trainer` (losparse/trainer.py) puts `DistillationTrainerMixin` in front of any task
+trainer (`Trainer`, `Seq2SeqTrainer`, the QA trainer), after `LoSparseTrainerMixin` when it also prunes.
+`DistillationTrainerMixin.compute_loss` adds `distillation_loss(...)["total"]` to the task loss, and
+only while the model trains: evaluation losses stay the plain task loss, comparable with runs without
+a teacher.
 
 Reduction rules (`output_distillation_loss`, `layer_distillation_loss`):
   * Logits: the last dimension is the class dimension. A tuple of logits (extractive QA start/end)
@@ -29,7 +29,9 @@ Reduction rules (`output_distillation_loss`, `layer_distillation_loss`):
     (regression, e.g. STS-B) has no distribution to match: the MSE between the logits is used instead.
   * Hidden states: for each mapped pair, the squared difference is averaged over the hidden dimension
     and over the non-padding tokens (`attention_mask`), or over all tokens without a mask; the pairs'
-    terms are summed. Hidden sizes must match: there is no learned projection yet.
+    terms are summed. Encoder-decoder models give an encoder and a decoder stack, each with its own
+    padding mask (`hidden_state_masks`); their terms are summed too. Hidden sizes must match: there is
+    no learned projection yet.
   * A term whose alpha is 0 is not computed (reported as 0): the teacher's hidden states are not even
     requested then.
 """
@@ -46,11 +48,11 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Seq2SeqTrainer, Trainer
+from transformers import Trainer
 
 from .errors import LoSparseUsageError
 from .layers import LoSparseLinear
-from .trainer import LoSparseTrainerMixin
+from .trainer import LoSparseTrainerMixin, declare_loss_kwargs, refuse_positional
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +61,8 @@ IGNORE_INDEX = -100
 _LAYER_MAP_ENTRY = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 Logits = Union[torch.Tensor, Sequence[torch.Tensor]]
+#: One stack of hidden states (embeddings, layer 1, ...) or named stacks ({"encoder": ..., "decoder": ...}).
+HiddenStates = Union[Sequence[torch.Tensor], Mapping[str, Sequence[torch.Tensor]]]
 
 
 @dataclass
@@ -302,37 +306,85 @@ def layer_distillation_loss(student_hidden: Sequence[torch.Tensor], teacher_hidd
 
 
 def distillation_loss(student_logits: Optional[Logits], teacher_logits: Optional[Logits],
-                      student_hidden: Optional[Sequence[torch.Tensor]],
-                      teacher_hidden: Optional[Sequence[torch.Tensor]],
+                      student_hidden: Optional[HiddenStates], teacher_hidden: Optional[HiddenStates],
                       alpha_output: float, alpha_layer: float, temperature: float,
                       layer_map: Optional[Sequence[tuple[int, int]]] = None,
                       attention_mask: Optional[torch.Tensor] = None,
-                      labels: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+                      labels: Optional[torch.Tensor] = None,
+                      hidden_masks: Optional[Mapping[str, Optional[torch.Tensor]]] = None) -> dict[str, torch.Tensor]:
     """{"output", "layer", "total"}: the two distillation terms and alpha_output·output + alpha_layer·layer.
 
-    `attention_mask` (batch, seq) weights the hidden-state MSE; for token-level logits, `labels == -100`
-    (else the attention mask, when it has the logits' leading shape) marks positions to ignore. A term
-    whose alpha is 0 is not computed and is reported as 0.
+    This is what `DistillationTrainerMixin.compute_loss` adds to the task loss, on the models' outputs.
+    For token-level logits, `labels == -100` (else the attention mask, when it has the logits' leading
+    shape) marks positions to ignore. Hidden states are either one stack (embeddings, layer 1, ...),
+    weighted by `attention_mask` (batch, seq), or named stacks as `hidden_state_groups` gives them
+    ({"encoder": ..., "decoder": ...}), each weighted by `hidden_masks[name]` (absent or None: every
+    token) and summed; both models must return the same stacks. A term whose alpha is 0 is not computed
+    and is reported as 0.
     """
-    reference = _first_tensor(student_logits, student_hidden)
-    zero = reference.new_zeros((), dtype=torch.float32)
-    output = layer = zero
+    terms: dict[str, torch.Tensor] = {}
     if alpha_output > 0:
         if student_logits is None or teacher_logits is None:
-            raise LoSparseUsageError("alpha_output > 0 needs the logits of both models")
-        output = output_distillation_loss(student_logits, teacher_logits, temperature, labels, attention_mask)
+            raise LoSparseUsageError("alpha_output > 0 needs the logits of both models (logits, or "
+                                     "start_logits/end_logits)")
+        terms["output"] = output_distillation_loss(student_logits, teacher_logits, temperature, labels,
+                                                   attention_mask)
     if alpha_layer > 0:
-        if student_hidden is None or teacher_hidden is None:
-            raise LoSparseUsageError("alpha_layer > 0 needs the hidden states of both models")
-        layer = layer_distillation_loss(student_hidden, teacher_hidden, layer_map, attention_mask)
+        terms["layer"] = _layer_term(student_hidden, teacher_hidden, layer_map, attention_mask, hidden_masks)
+    reference = next(iter(terms.values())) if terms else _first_tensor(student_logits, student_hidden)
+    zero = reference.new_zeros((), dtype=torch.float32)
+    output, layer = terms.get("output", zero), terms.get("layer", zero)
     return {"output": output, "layer": layer, "total": alpha_output * output + alpha_layer * layer}
 
 
-def _first_tensor(logits: Optional[Logits], hidden: Optional[Sequence[torch.Tensor]]) -> torch.Tensor:
+def _layer_term(student_hidden: Optional[HiddenStates], teacher_hidden: Optional[HiddenStates],
+                layer_map: Optional[Sequence[tuple[int, int]]], attention_mask: Optional[torch.Tensor],
+                hidden_masks: Optional[Mapping[str, Optional[torch.Tensor]]]) -> torch.Tensor:
+    if not student_hidden or not teacher_hidden:
+        raise LoSparseUsageError("alpha_layer > 0 needs the hidden states of both models")
+    if not isinstance(student_hidden, Mapping) and not isinstance(teacher_hidden, Mapping):
+        return layer_distillation_loss(student_hidden, teacher_hidden, layer_map, attention_mask)
+    if not isinstance(student_hidden, Mapping) or not isinstance(teacher_hidden, Mapping) \
+            or set(student_hidden) != set(teacher_hidden):
+        names = [sorted(h) if isinstance(h, Mapping) else "one stack" for h in (student_hidden, teacher_hidden)]
+        raise LoSparseUsageError(
+            f"layer distillation needs the same hidden states from both models; the student returned {names[0]} "
+            f"and the teacher {names[1]}"
+        )
+    masks = hidden_masks or {}
+    terms = [layer_distillation_loss(student_hidden[name], teacher_hidden[name], layer_map, masks.get(name))
+             for name in student_hidden]
+    return torch.stack(terms).sum()
+
+
+def hidden_state_masks(hidden: Mapping[str, Sequence[torch.Tensor]],
+                       inputs: Mapping[str, Any]) -> dict[str, Optional[torch.Tensor]]:
+    """The padding mask of each named hidden-state stack (see `hidden_state_groups`) for a batch of `inputs`.
+
+    The decoder's is `decoder_attention_mask`, else `labels != -100`; the others' is `attention_mask`.
+    A mask whose shape is not the stack's (batch, seq) is dropped (None: every token counts).
+    """
+    labels = inputs.get("labels")
+    masks: dict[str, Optional[torch.Tensor]] = {}
+    for name, states in hidden.items():
+        tokens = tuple(states[0].shape[:-1])
+        if name == "decoder":
+            mask = inputs.get("decoder_attention_mask")
+            if mask is None and labels is not None and tuple(labels.shape) == tokens:
+                mask = labels != IGNORE_INDEX
+        else:
+            mask = inputs.get("attention_mask")
+        masks[name] = mask if mask is not None and tuple(mask.shape) == tokens else None
+    return masks
+
+
+def _first_tensor(logits: Optional[Logits], hidden: Optional[HiddenStates]) -> torch.Tensor:
     if isinstance(logits, torch.Tensor):
         return logits
     if logits:
         return logits[0]
+    if isinstance(hidden, Mapping):
+        hidden = next(iter(hidden.values()), None)
     if hidden:
         return hidden[0]
     raise LoSparseUsageError("distillation needs logits or hidden states")
@@ -411,30 +463,37 @@ def load_teacher(path: str, auto_class: Any, **kwargs: Any) -> nn.Module:
 # ---------------------------------------------------------------------------------------------
 
 class DistillationTrainerMixin:
-    """Adds knowledge distillation from a frozen teacher to a `Trainer` subclass.
+    """Adds knowledge distillation from a frozen teacher to a `Trainer` subclass; build the class with
+    `losparse.compose_trainer(base, prune=..., distill=True)`.
 
-    Extra keyword arguments:
+    Keyword arguments only. Extra ones:
       teacher_model: the teacher (an nn.Module; e.g. from `load_teacher`); frozen and put in eval mode
         here, moved to the student's device on first use.
       distill_args: a `DistillationArguments`; without one (or with no alpha > 0) the trainer behaves
         exactly like its base class.
-    Composes with `LoSparseTrainerMixin` and the QA mixin in either order:
-        class T(LoSparseTrainerMixin, DistillationTrainerMixin, Trainer)      # distill_stage="during"
-        class T(DistillationTrainerMixin, Trainer)                            # distill_stage="after"
     While training, `compute_loss` returns task loss + `distillation_loss(...)["total"]`; the task loss is
-    the base class's own (`super().compute_loss` with `output_hidden_states=True` added to the inputs when
-    alpha_layer > 0, so label smoothing, `compute_loss_func` and `num_items_in_batch` keep their meaning).
-    The distillation total is a per-micro-batch mean: when the Trainer treats the task loss as already
-    normalised over the accumulated batch (`num_items_in_batch`, see `Trainer.training_step`), the total is
-    divided by the accumulation steps so both terms keep their weights under gradient accumulation.
+    the base class's own (`super().compute_loss`, with `output_hidden_states=True` added to the inputs when
+    alpha_layer > 0, so label smoothing and `compute_loss_func` keep their meaning).
+
+    Gradient accumulation: the distillation terms are per-micro-batch means, and the loss declares its
+    scaling through the Trainer's public switch `loss_is_scaled_for_ga` (transformers >= 5.19) rather than
+    relying on how the Trainer would guess it. Unless the base class declares the switch itself, the task
+    loss is computed without `num_items_in_batch` (a per-micro-batch mean too) and the trainer sets
+    `loss_is_scaled_for_ga = False`, so `training_step` divides the whole loss by the accumulation steps:
+    k micro-batches of b examples weigh both terms like one batch of k·b. A base class that declares
+    `loss_is_scaled_for_ga = True` gets `num_items_in_batch` and the distillation total divided by the
+    accumulation steps; one that declares False gets `num_items_in_batch` and the total as is.
+
     `self.last_distill_losses` holds the last micro-batch's detached {"task" (as the base class returned
     it), "output", "layer", "total" (unweighted by accumulation)}; each logged training step adds
     `task_loss`, `distill_output_loss` and `distill_layer_loss` (means since the previous log, on this
     process). Evaluation (model not in training mode) runs neither the teacher nor the extra terms.
     """
 
-    def __init__(self, *args: Any, teacher_model: Optional[nn.Module] = None,
-                 distill_args: Optional[DistillationArguments] = None, **kwargs: Any) -> None:
+    def __init__(self, *positional: Any, model: Optional[nn.Module] = None, args: Any = None,
+                 teacher_model: Optional[nn.Module] = None, distill_args: Optional[DistillationArguments] = None,
+                 **kwargs: Any) -> None:
+        refuse_positional(type(self), positional)
         distill_args = distill_args if distill_args is not None else DistillationArguments()
         if not isinstance(distill_args, DistillationArguments):
             raise LoSparseUsageError(f"distill_args must be a DistillationArguments, not {type(distill_args).__name__}")
@@ -448,14 +507,13 @@ class DistillationTrainerMixin:
                 "a teacher_model was given but distill_args has no alpha > 0 (or no teacher_model_name_or_path); "
                 "set alpha_output and/or alpha_layer, or drop the teacher"
             )
-        model = kwargs.get("model", args[0] if args else None)
         prunes = isinstance(self, LoSparseTrainerMixin)
         if distill_args.enabled and distill_args.distill_stage == "after":
             if prunes:
                 raise LoSparseUsageError(
                     "--distill_stage after trains an already compressed checkpoint without pruning; use a trainer "
-                    "without LoSparseTrainerMixin (e.g. DistillationTrainer), or --distill_stage during to prune "
-                    "while distilling"
+                    "that does not prune (compose_trainer(base, prune=False, distill=True)), or --distill_stage "
+                    "during to prune while distilling"
                 )
             if model is not None and any(isinstance(m, LoSparseLinear) for m in model.modules()):
                 raise LoSparseUsageError(
@@ -466,15 +524,24 @@ class DistillationTrainerMixin:
         elif distill_args.enabled and not prunes:
             logger.warning("distill_stage='during' but this trainer does not prune (no LoSparseTrainerMixin): "
                            "distilling into the model as it is")
-        super().__init__(*args, **kwargs)
+        if model is not None:
+            declare_loss_kwargs(model)
+        super().__init__(model=model, args=args, **kwargs)
         self.distill_args = distill_args
         self.teacher_model = freeze(teacher_model) if teacher_model is not None else None
         self._distill_layer_map = distill_args.parsed_layer_map()
+        # What the base class declares about its own loss (None: it leaves the Trainer to decide).
+        self._task_loss_scaling: Optional[bool] = getattr(self, "loss_is_scaled_for_ga", None)
+        if self.teacher_model is not None and self._task_loss_scaling is None:
+            if not hasattr(Trainer, "loss_is_scaled_for_ga") and self.args.gradient_accumulation_steps > 1:
+                raise LoSparseUsageError(
+                    "distillation with --gradient_accumulation_steps > 1 needs transformers >= 5.19 "
+                    "(Trainer.loss_is_scaled_for_ga); upgrade transformers or use --gradient_accumulation_steps 1"
+                )
+            self.loss_is_scaled_for_ga = False
         self.last_distill_losses: dict[str, torch.Tensor] = {}
         self._distill_sums: dict[str, torch.Tensor] = {}
         self._distill_count = 0
-
-    # -- helpers -------------------------------------------------------------------------------
 
     def _teacher_on(self, device: torch.device) -> nn.Module:
         teacher = self.teacher_model
@@ -485,84 +552,40 @@ class DistillationTrainerMixin:
             teacher.eval()
         return teacher
 
-    def _task_loss_is_scaled_for_ga(self, num_items_in_batch: Any) -> bool:
-        """Mirror of `Trainer.training_step`'s decision whether it divides the loss by the accumulation steps."""
-        explicit = getattr(self, "loss_is_scaled_for_ga", None)
-        if explicit is not None:
-            return bool(explicit)
-        return bool((getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None)
-                    or getattr(self, "compute_loss_func", None) is not None)
-
-    def _layer_term(self, student_out: Any, teacher_out: Any, inputs: Mapping[str, Any]) -> torch.Tensor:
-        student_groups = dict(hidden_state_groups(student_out))
-        teacher_groups = dict(hidden_state_groups(teacher_out))
-        if not student_groups or set(student_groups) != set(teacher_groups):
-            raise LoSparseUsageError(
-                f"layer distillation needs hidden states from both models; the student returned "
-                f"{sorted(student_groups) or 'none'} and the teacher {sorted(teacher_groups) or 'none'}"
-            )
-        labels = inputs.get("labels")
-        total = None
-        for name, student_hidden in student_groups.items():
-            teacher_hidden = teacher_groups[name]
-            seq_len = student_hidden[0].shape[:-1]
-            if name == "decoder":
-                mask = inputs.get("decoder_attention_mask")
-                if mask is None and labels is not None and tuple(labels.shape) == tuple(seq_len):
-                    mask = labels != IGNORE_INDEX
-            else:
-                mask = inputs.get("attention_mask")
-            if mask is not None and tuple(mask.shape) != tuple(seq_len):
-                mask = None
-            term = layer_distillation_loss(student_hidden, teacher_hidden, self._distill_layer_map, mask)
-            total = term if total is None else total + term
-        return total
-
     # -- Trainer overrides -----------------------------------------------------------------------
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None):
         args = self.distill_args
-        if self.teacher_model is None or not args.enabled or not model.training:
+        if self.teacher_model is None or not model.training:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
-        want_hidden = args.alpha_layer > 0
-        student_inputs = dict(inputs)
-        if want_hidden:
-            student_inputs["output_hidden_states"] = True
-        task_loss, student_out = super().compute_loss(model, student_inputs, return_outputs=True,
-                                                      num_items_in_batch=num_items_in_batch)
-        device = next(model.parameters()).device
-        teacher = self._teacher_on(device)
-        teacher_inputs = dict(inputs)
-        if want_hidden:
-            teacher_inputs["output_hidden_states"] = True
-        with torch.no_grad():
-            teacher_out = teacher(**teacher_inputs)
-
-        zero = task_loss.new_zeros((), dtype=torch.float32)
-        output = layer = zero
-        if args.alpha_output > 0:
-            student_logits, teacher_logits = logits_of(student_out), logits_of(teacher_out)
-            if student_logits is None or teacher_logits is None:
-                raise LoSparseUsageError("--alpha_output > 0 but the models return no logits "
-                                         "(logits or start_logits/end_logits)")
-            output = output_distillation_loss(student_logits, teacher_logits, args.distill_temperature,
-                                              labels=inputs.get("labels"), attention_mask=inputs.get("attention_mask"))
-        if want_hidden:
-            layer = self._layer_term(student_out, teacher_out, inputs)
-        total = args.alpha_output * output + args.alpha_layer * layer
-        # The distillation terms are per-micro-batch means. When the task loss is already normalised over the
-        # whole accumulated batch (training_step will not divide it), divide ours by the accumulation steps.
+        # How the returned loss is scaled for gradient accumulation (see the class docstring).
         steps = 1
-        if self._task_loss_is_scaled_for_ga(num_items_in_batch):
+        if self._task_loss_scaling is None:
+            num_items_in_batch = None
+        elif self._task_loss_scaling:
             steps = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
-        loss = task_loss + (total / steps).to(task_loss.dtype)
+        want_hidden = args.alpha_layer > 0
+        extra = {"output_hidden_states": True} if want_hidden else {}
+        task_loss, student_out = super().compute_loss(model, {**inputs, **extra}, return_outputs=True,
+                                                      num_items_in_batch=num_items_in_batch)
+        teacher = self._teacher_on(next(model.parameters()).device)
+        with torch.no_grad():
+            teacher_out = teacher(**inputs, **extra)
+        student_hidden = dict(hidden_state_groups(student_out)) if want_hidden else None
+        teacher_hidden = dict(hidden_state_groups(teacher_out)) if want_hidden else None
+        parts = distillation_loss(
+            logits_of(student_out), logits_of(teacher_out), student_hidden, teacher_hidden,
+            args.alpha_output, args.alpha_layer, args.distill_temperature, self._distill_layer_map,
+            attention_mask=inputs.get("attention_mask"), labels=inputs.get("labels"),
+            hidden_masks=hidden_state_masks(student_hidden, inputs) if student_hidden else None,
+        )
+        loss = task_loss + (parts["total"] / steps).to(task_loss.dtype)
 
-        record = {"task": task_loss.detach(), "output": output.detach(), "layer": layer.detach(),
-                  "total": total.detach()}
+        record = {"task": task_loss.detach(), **{key: value.detach() for key, value in parts.items()}}
         self.last_distill_losses = record
-        # Logged means are per micro-batch, so undo the accumulation scaling of the task loss for the log.
+        # Logged means are per micro-batch, so undo an accumulation scaling of the task loss for the log.
         for log_key, value in (("task_loss", record["task"] * steps), ("distill_output_loss", record["output"]),
                                ("distill_layer_loss", record["layer"])):
             value = value.float()
@@ -577,28 +600,3 @@ class DistillationTrainerMixin:
                 logs[key] = round(float(value) / self._distill_count, 6)
             self._distill_sums, self._distill_count = {}, 0
         super().log(logs, *args, **kwargs)
-
-
-def with_distillation(trainer_class: type) -> type:
-    """`trainer_class` with `DistillationTrainerMixin` in front (unchanged if it already has it).
-
-    E.g. `with_distillation(LoSparseTrainer)`, `with_distillation(squad.LoSparseQuestionAnsweringTrainer)`,
-    `with_distillation(Seq2SeqTrainer)`.
-    """
-    if issubclass(trainer_class, DistillationTrainerMixin):
-        return trainer_class
-    return type(f"Distillation{trainer_class.__name__}", (DistillationTrainerMixin, trainer_class),
-                {"__doc__": f"`{trainer_class.__name__}` + knowledge distillation (see `DistillationTrainerMixin`).",
-                 "__module__": __name__})
-
-
-class DistillationTrainer(DistillationTrainerMixin, Trainer):
-    """`transformers.Trainer` + distillation, no pruning: the "after" stage on a compact checkpoint."""
-
-
-class LoSparseDistillationTrainer(LoSparseTrainerMixin, DistillationTrainerMixin, Trainer):
-    """`LoSparseTrainer` + distillation: the "during" stage, pruning while distilling."""
-
-
-class LoSparseDistillationSeq2SeqTrainer(LoSparseTrainerMixin, DistillationTrainerMixin, Seq2SeqTrainer):
-    """`LoSparseSeq2SeqTrainer` + distillation: the "during" stage for summarization."""

@@ -12,11 +12,15 @@ randomly initialised dense model. `losparse.load` rebuilds the exact compact mod
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import itertools
 import json
 import os
+import struct
+import sys
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 import transformers
@@ -25,11 +29,17 @@ from torch import nn
 from .config import LoSparseConfig
 from .decompose import get_config, losparse_layers, set_submodule
 from .errors import LoSparseUsageError
-from .layers import PRUNE_DIM_TO_AXIS, CompactLoSparseLinear, LoSparseLinear
+from .layers import (PRUNE_DIM_TO_AXIS, CompactLoSparseLinear, LoSparseLinear, dense_features, dense_type_of,
+                     make_dense)
 
 WEIGHTS_FILE = "losparse_model.safetensors"
 LOSPARSE_CONFIG_FILE = "losparse_config.json"
+#: The on-disk format. It changes only when a reader of the previous format would load a new checkpoint
+#: wrongly; fields added since format 1 was introduced (`OPTIONAL_FIELDS`) do not change it: older
+#: readers ignore them and this reader treats a checkpoint without them as written before they existed.
 FORMAT_VERSION = 1
+#: The formats `load` reads (each older one through a documented migration in `_check_format_version`).
+SUPPORTED_FORMAT_VERSIONS = (1,)
 RATIO_NOTE = (
     "ratios count the targeted weight matrices only (biases, embeddings, LayerNorm and heads excluded); "
     "ranks round up, k = ceil(r*out*in/(out+in)), so the low-rank share is slightly above r and the sparse "
@@ -52,15 +62,14 @@ def compact(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def merge(model: nn.Module) -> nn.Module:
-    """Fold U·V + S back into plain `nn.Linear` layers in place: a dense model anyone can load."""
+    """Fold U·V + S back into plain dense layers in place: a dense model anyone can load.
+
+    Each layer becomes the type it replaced (`layer.dense_type`): `nn.Linear`, or for GPT-2 a
+    `Conv1D` holding Wᵀ, so `save_pretrained` writes what transformers' own model class loads.
+    """
     for name, layer in losparse_layers(model):
         weight = layer.effective_weight() if isinstance(layer, LoSparseLinear) else layer.dense_weight()
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                           device=weight.device, dtype=weight.dtype)
-        linear.weight.copy_(weight)
-        if layer.bias is not None:
-            linear.bias.copy_(layer.bias)
-        set_submodule(model, name, linear)
+        set_submodule(model, name, make_dense(layer.dense_type, weight, layer.bias))
     if hasattr(model, "losparse_config"):
         del model.losparse_config
     return model
@@ -131,22 +140,34 @@ def format_report(report: dict[str, Any]) -> str:
     )
 
 
-def save(model: nn.Module, path: str, tokenizer: Any = None) -> str:
+def save(model: nn.Module, path: str, tokenizer: Any = None, base_model: Optional[str] = None) -> str:
     """Write a compact checkpoint of `model` to directory `path` (created if needed); returns `path`.
 
-    A model still in training form is compacted on a copy, so the caller's model is left as it is.
-    Only the three files named in the module docstring (and the tokenizer, if given) are written.
+    A model still in training form is compacted on a copy, and the model's config is written from a
+    copy too, so the caller's model is left exactly as it is. Only the files named in the module
+    docstring (and the tokenizer, if given) are written.
+
+    base_model: where the dense model came from (hub name or path), recorded in the manifest; by
+    default the `compressed_from` of a model that `load` returned (so a re-saved compact model keeps
+    naming the dense model, not the compact checkpoint), else the model config's `name_or_path`.
     """
     from safetensors.torch import save_model
 
+    from . import __version__
+
     config = get_config(model)
+    if base_model is None:
+        base_model = (model.compressed_from if hasattr(model, "compressed_from")
+                      else getattr(model.config, "name_or_path", None)) or None
+    base_model = None if base_model is None else os.fspath(base_model)
     if any(isinstance(layer, LoSparseLinear) for _, layer in losparse_layers(model)):
         model = compact(copy.deepcopy(model))
     os.makedirs(path, exist_ok=True)
-    model.config.architectures = [type(model).__name__]
-    model.config.save_pretrained(path)
+    model_config = copy.deepcopy(model.config)
+    model_config.architectures = [type(model).__name__]
+    model_config.save_pretrained(path)
     if getattr(model, "generation_config", None) is not None and model.can_generate():
-        model.generation_config.save_pretrained(path)
+        copy.deepcopy(model.generation_config).save_pretrained(path)
     first_param = next(model.parameters())
     layers = {
         name: {
@@ -159,12 +180,19 @@ def save(model: nn.Module, path: str, tokenizer: Any = None) -> str:
         }
         for name, layer in losparse_layers(model)
     }
+    report = {k: v for k, v in parameter_report(model).items() if k != "layers"}
     meta = {
         "format_version": FORMAT_VERSION,
+        "losparse_version": __version__,
+        "base_model": base_model,
+        "method": config.method,
+        "remaining_ratio": config.remaining_ratio,
+        "low_rank_ratio": config.low_rank_ratio,
+        "achieved_remaining_ratio": report["remaining_ratio"],
         "model_class": type(model).__name__,
         "dtype": str(first_param.dtype).replace("torch.", ""),
         "losparse_config": config.to_dict(),
-        "parameter_report": {k: v for k, v in parameter_report(model).items() if k != "layers"},
+        "parameter_report": report,
         "layers": layers,
     }
     with open(os.path.join(path, LOSPARSE_CONFIG_FILE), "w") as f:
@@ -209,6 +237,10 @@ class CheckedCheckpoint:
     dtype: torch.dtype
     losparse_config: LoSparseConfig
     layers: dict[str, dict[str, Any]]
+    #: Where the dense model came from (hub name or path); None for checkpoints written before it was recorded.
+    base_model: Optional[str] = None
+    #: The LoSparse version that wrote the checkpoint; None for checkpoints written before it was recorded.
+    losparse_version: Optional[str] = None
 
 
 class _ManifestSyntaxError(ValueError):
@@ -282,10 +314,41 @@ def _field(meta: dict[str, Any], name: str, kind: type, path: str) -> Any:
 
 
 def _check_format_version(meta: dict[str, Any], path: str) -> None:
+    """Only formats this reader knows. Migration rule: a future format N+1 gets a step here that rewrites
+    a format-N manifest (in memory) into N+1 before the fields are read, so everything below reads one
+    format; format 1 needs none (its later, optional fields are read by `_check_provenance`)."""
     version = _field(meta, "format_version", int, path)
-    if version != FORMAT_VERSION:
+    if version not in SUPPORTED_FORMAT_VERSIONS:
         raise _error(path, LOSPARSE_CONFIG_FILE, f"format_version {version!r} is not supported (this LoSparse "
-                                                 f"reads format {FORMAT_VERSION})")
+                                                 f"reads format {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))})")
+
+
+#: Manifest fields added within format 1, with their JSON types: absent from checkpoints written before
+#: (read as None); when present they are checked, and the ones repeating `losparse_config` must agree with it.
+OPTIONAL_FIELDS = {"losparse_version": str, "base_model": str, "method": str, "remaining_ratio": float,
+                   "low_rank_ratio": float, "achieved_remaining_ratio": float}
+
+
+def _optional_field(meta: dict[str, Any], name: str, path: str) -> Any:
+    value = meta.get(name)
+    if value is None:
+        return None
+    kind = OPTIONAL_FIELDS[name]
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else isinstance(value, kind)
+    if not ok:
+        expected = "a number" if kind is float else _JSON_TYPE_NAMES[kind]
+        raise _error(path, LOSPARSE_CONFIG_FILE, f"{name} must be {expected} or null, not {value!r}")
+    return value
+
+
+def _check_provenance(meta: dict[str, Any], losparse_config: LoSparseConfig, path: str) -> dict[str, Any]:
+    """The optional fields; method and ratios are summaries of `losparse_config` for readers of the file."""
+    values = {name: _optional_field(meta, name, path) for name in OPTIONAL_FIELDS}
+    for name in ("method", "remaining_ratio", "low_rank_ratio"):
+        if values[name] is not None and values[name] != getattr(losparse_config, name):
+            raise _error(path, LOSPARSE_CONFIG_FILE, f"{name} {values[name]!r} disagrees with losparse_config.{name} "
+                                                     f"{getattr(losparse_config, name)!r}")
+    return values
 
 
 def _checkpoint_dtype(meta: dict[str, Any], path: str) -> torch.dtype:
@@ -378,24 +441,33 @@ def _check_layer_fields(name: str, spec: Any, path: str) -> dict[str, Any]:
     return {field: _typed(spec[field], kind, f"{where}.{field}", path) for field, kind in LAYER_FIELDS.items()}
 
 
+def _dense_shape(module: Optional[nn.Module]) -> Optional[tuple[int, int, bool]]:
+    """(out_features, in_features, has a bias) of a layer LoSparse decomposes (`nn.Linear`, or GPT-2's
+    `Conv1D`); None for anything else."""
+    if module is None or dense_type_of(module) is None:
+        return None
+    return (*dense_features(module), module.bias is not None)
+
+
 def _check_layer(name: str, spec: Any, linear: Optional[nn.Module], path: str) -> dict[str, Any]:
-    """One manifest layer against the `nn.Linear` the model config puts at that name.
+    """One manifest layer against the dense layer (`nn.Linear` or `Conv1D`) the model config puts at that name.
 
     Shapes must equal the config's (so no size in the manifest is ever trusted on its own); the rank
     and the kept count must fit in them.
     """
     where = f"layers[{name!r}]"
-    if not isinstance(linear, nn.Linear):
+    dense = _dense_shape(linear)
+    if dense is None:
         raise _error(path, LOSPARSE_CONFIG_FILE, f"{where}: the model of {MODEL_CONFIG_FILE} has no linear layer "
                                                  "of that name")
     spec = _check_layer_fields(name, spec, path)
     out_f, in_f = spec["out_features"], spec["in_features"]
-    if (out_f, in_f) != (linear.out_features, linear.in_features):
+    if (out_f, in_f) != dense[:2]:
         raise _error(path, LOSPARSE_CONFIG_FILE,
                      f"{where}.out_features x in_features is {out_f}x{in_f}, but {MODEL_CONFIG_FILE} makes this "
-                     f"layer {linear.out_features}x{linear.in_features}")
-    if spec["bias"] != (linear.bias is not None):
-        has = "has a" if linear.bias is not None else "has no"
+                     f"layer {dense[0]}x{dense[1]}")
+    if spec["bias"] != dense[2]:
+        has = "has a" if dense[2] else "has no"
         raise _error(path, LOSPARSE_CONFIG_FILE, f"{where}.bias is {spec['bias']}, but the layer of "
                                                  f"{MODEL_CONFIG_FILE} {has} bias")
     if not 0 <= spec["rank"] <= min(out_f, in_f):
@@ -406,7 +478,8 @@ def _check_layer(name: str, spec: Any, linear: Optional[nn.Module], path: str) -
     neurons = _num_neurons(spec)
     if not 0 <= spec["num_kept"] <= neurons:
         raise _error(path, LOSPARSE_CONFIG_FILE, f"{where}.num_kept {spec['num_kept']} is not in [0, {neurons}]")
-    return spec
+    # The layer type is the config's (not a manifest field): a compact layer made from a Conv1D merges back to one.
+    return {**spec, "dense_type": dense_type_of(linear)}
 
 
 def _num_neurons(spec: dict[str, Any]) -> int:
@@ -513,6 +586,7 @@ def check_checkpoint(path: str) -> CheckedCheckpoint:
     _check_format_version(meta, path)
     dtype = _checkpoint_dtype(meta, path)
     losparse_config = _checkpoint_losparse_config(meta, path)
+    provenance = _check_provenance(meta, losparse_config, path)
     model_config = _read_model_config(path)
     model_class = _checkpoint_model_class(meta, model_config, path)
     generation_config = _read_generation_config(path)
@@ -520,34 +594,197 @@ def check_checkpoint(path: str) -> CheckedCheckpoint:
     layers = _check_layers(meta, skeleton, path)
     _check_header(_read_header(path), _expected_tensors(skeleton, layers), path)
     _check_kept_indices(layers, path)
-    return CheckedCheckpoint(path, model_class, model_config, generation_config, dtype, losparse_config, layers)
+    return CheckedCheckpoint(path, model_class, model_config, generation_config, dtype, losparse_config, layers,
+                             base_model=provenance["base_model"], losparse_version=provenance["losparse_version"])
 
 
-def _check_finite(model: nn.Module, path: str) -> None:
-    """NaN or inf weights would load and compute garbage: refuse them (one pass over the loaded state)."""
-    for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+# --- load: the compact model built at its checked shapes, only its real tensors materialised -------------
+
+#: safetensors header dtype -> torch dtype, for the tensors `_WeightsReader` reads.
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+#: safetensors' own limit on the JSON header.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get each parameter moved to the meta device as it is registered; buffers stay real.
+
+    The model's own constructor thus computes its non-persistent buffers (position ids, rotary
+    frequencies, ...) exactly as on CPU, while no weight is ever filled (`nn.Linear` and `nn.Embedding`
+    allocate with `torch.empty`, which touches no page, and move to meta at once). The same trick as
+    accelerate's `init_empty_weights(include_buffers=False)`; like it, it patches `nn.Module` for the
+    duration, so build no other module in another thread meanwhile. A parameter already on meta (a tied
+    one being re-registered) is kept as it is, so ties keep their identity.
+    """
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+class _WeightsReader:
+    """The tensors of a (checked) safetensors file, each read with plain file reads into a fresh tensor.
+
+    No memory map: an mmap'd read makes every page of the file resident in this process next to the
+    copy, so loading would peak at twice the weights. Plain reads go through the page cache instead,
+    which the kernel can drop at will, and the process holds each tensor once.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.file = open(os.path.join(path, WEIGHTS_FILE), "rb")
+        try:
+            (length,) = struct.unpack("<Q", self._read_exactly(8))
+            if length > MAX_HEADER_BYTES:
+                raise ValueError(f"header of {length} bytes")
+            self.header = json.loads(self._read_exactly(length))
+            if not isinstance(self.header, dict):
+                raise ValueError("header is not an object")
+        except (struct.error, ValueError, EOFError) as exc:
+            self.file.close()
+            raise _error(path, WEIGHTS_FILE, f"changed while loading ({exc})") from None
+        self.data_start = 8 + length
+
+    def _read_exactly(self, size: int) -> bytes:
+        data = self.file.read(size)
+        if len(data) != size:
+            raise EOFError(f"{size - len(data)} bytes short")
+        return data
+
+    def read(self, name: str, expected: torch.Tensor) -> torch.Tensor:
+        """Tensor `name`, whose shape `check_checkpoint` has matched to `expected` (checked again here)."""
+        entry = self.header.get(name)
+        entry = entry if isinstance(entry, dict) else {}
+        dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))
+        offsets = entry.get("data_offsets")
+        if (dtype is None or entry.get("shape") != list(expected.shape) or not isinstance(offsets, list)
+                or len(offsets) != 2 or not all(isinstance(x, int) and x >= 0 for x in offsets)):
+            raise _error(self.path, WEIGHTS_FILE, f"{name} changed while loading")
+        tensor = torch.empty(tuple(expected.shape), dtype=dtype)
+        begin, end = offsets
+        nbytes = tensor.numel() * tensor.element_size()
+        if end - begin != nbytes:
+            raise _error(self.path, WEIGHTS_FILE, f"{name} changed while loading")
+        if nbytes:
+            target = memoryview(tensor.view(-1).view(torch.uint8).numpy())
+            self.file.seek(self.data_start + begin)
+            filled = 0
+            while filled < nbytes:
+                count = self.file.readinto(target[filled:])
+                if not count:
+                    raise _error(self.path, WEIGHTS_FILE, f"{name} changed while loading (file too short)")
+                filled += count
+        return tensor
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN and no inf, in one reduction that allocates nothing tensor-sized (min and max propagate NaN;
+    `isfinite(t).all()` would make a mask and temporaries as large as the tensor, which the allocator keeps)."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+
+
+def _put(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Set parameter or buffer `name` of `model` to `value` (a `nn.Parameter` for a parameter)."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attr in module._parameters:
+        module._parameters[attr] = value
+    else:
+        module._buffers[attr] = value
+
+
+def _load_tensor(reader: _WeightsReader, name: str, template: torch.Tensor, dtype: torch.dtype,
+                 device: Optional[torch.device], path: str) -> torch.Tensor:
+    """One tensor from the file: checked finite, cast (floating ones) to `dtype`, moved to `device`."""
+    tensor = reader.read(name, template)
+    if tensor.is_floating_point():
+        if not _all_finite(tensor):
             raise _error(path, WEIGHTS_FILE, f"{name} has non-finite values (NaN or inf)")
+        if tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+            if not _all_finite(tensor):
+                raise LoSparseUsageError(f"{name} of {os.path.join(path, WEIGHTS_FILE)} overflows {dtype}; "
+                                         "load it in a wider dtype")
+    else:
+        tensor = tensor.to(template.dtype)  # the header check allows only the model's own integer dtype
+    if device is not None:
+        tensor = tensor.to(device)
+    return tensor
 
 
-def load(path: str, device: Optional[Union[str, torch.device]] = None) -> nn.Module:
+def _load_dtype(dtype: Union[None, str, torch.dtype], checked: CheckedCheckpoint) -> torch.dtype:
+    if dtype is None:
+        return checked.dtype
+    if isinstance(dtype, str) and dtype in MODEL_DTYPES:
+        return MODEL_DTYPES[dtype]
+    if isinstance(dtype, torch.dtype) and dtype in MODEL_DTYPES.values():
+        return dtype
+    raise LoSparseUsageError(f"load(dtype={dtype!r}): expected one of {', '.join(MODEL_DTYPES)}")
+
+
+def load(path: str, device: Optional[Union[str, torch.device]] = None,
+         dtype: Union[None, str, torch.dtype] = None) -> nn.Module:
     """Rebuild the compact model saved by `save` (offline), in eval mode, ready to use.
 
     `check_checkpoint` runs first, so a crafted or corrupt checkpoint fails with one
-    `LoSparseUsageError` before the model is allocated.
-    """
-    from safetensors.torch import load_model
+    `LoSparseUsageError` before any weight is allocated. The model is then built without its
+    weights (parameters on the meta device, compact layers created directly at their checked
+    shapes) and only the tensors of the file are materialised, one at a time, straight into the
+    model: peak memory is about the compact weights themselves, never the dense model.
 
+    dtype: the floating-point dtype to load in (`torch.float16`, `"bfloat16"`, ...); default the
+    checkpoint's. device: where the tensors go (`"cuda:0"`, ...); each is moved as it is read, so
+    CPU memory holds at most one tensor at a time.
+    """
     checked = check_checkpoint(path)
-    model = checked.model_class(checked.model_config)
+    dtype = _load_dtype(dtype, checked)
+    device = torch.device(device) if device is not None else None
+    if sys.byteorder != "little":  # safetensors stores little-endian bytes, which `_WeightsReader` copies as they are
+        raise LoSparseUsageError("losparse.load reads safetensors files on little-endian machines only")
+    try:
+        with _parameters_on_meta():
+            model = checked.model_class(copy.deepcopy(checked.model_config))
+    except Exception as exc:  # as in `_meta_skeleton`: the model code may reject the config with any error type
+        raise _error(path, MODEL_CONFIG_FILE, f"{checked.model_class.__name__} cannot be built from it "
+                                              f"({type(exc).__name__}: {exc})") from None
+    groups = _expected_tensors(model, checked.layers)  # also puts the (meta) compact layers in place
+    reader = _WeightsReader(path)
+    try:
+        for group in groups:
+            name, template = next((n, t) for n, t in group if n in reader.header)
+            tensor = _load_tensor(reader, name, template, dtype, device, path)
+            value = nn.Parameter(tensor, requires_grad=template.requires_grad) if isinstance(
+                template, nn.Parameter) else tensor
+            for member, _ in group:  # tied names share one tensor, as in the model that was saved
+                _put(model, member, value)
+    finally:
+        reader.close()
+    # What the file does not hold (non-persistent buffers) was computed by the constructor: give it the
+    # dtype and device of the rest, as `model.to` did before (a no-op for the tensors loaded above).
+    model.to(device=device, dtype=dtype)
+    left = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+    if left:
+        raise LoSparseUsageError(f"{path}: {checked.model_class.__name__} leaves {left[0]} unset: it is neither in "
+                                 f"{WEIGHTS_FILE} nor computed by the model")
     if checked.generation_config is not None:
         model.generation_config = checked.generation_config
-    for name, spec in checked.layers.items():
-        set_submodule(model, name, CompactLoSparseLinear(**spec))
-    model.to(dtype=checked.dtype)
-    load_model(model, os.path.join(path, WEIGHTS_FILE), strict=True)
-    _check_finite(model, path)
     model.losparse_config = checked.losparse_config
-    if device is not None:
-        model.to(device)
+    model.compressed_from = checked.base_model
     return model.eval()

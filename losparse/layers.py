@@ -4,11 +4,17 @@
 `CompactLoSparseLinear` is the inference layer made from it by `losparse.compact`: it stores only
 U, V, the kept neurons of S and their indices, so it is really smaller and cheaper.
 
-Shapes follow `nn.Linear`: weight is (out_features, in_features), y = x·Wᵀ + b.
+Shapes follow `nn.Linear`: weight is (out_features, in_features), y = x·Wᵀ + b. A layer made from
+transformers' GPT-2 `Conv1D` (weight stored (in, out), y = x·W + b) computes the same function and
+records `dense_type="conv1d"`, so `merge` gives a `Conv1D` back.
+
+The dense layer types are handled here too (`dense_type_of`, `dense_features`, `dense_weight_of`,
+`make_dense`), so decomposition, merge and checkpoint loading agree on them.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
@@ -16,19 +22,107 @@ import torch.nn.functional as F
 from torch import nn
 
 PRUNE_DIM_TO_AXIS = {"rows": 0, "columns": 1}
+#: The dense layers a LoSparse layer can replace: `nn.Linear` and transformers' GPT-2 `Conv1D`.
+DENSE_TYPES = ("linear", "conv1d")
+_CONV1D_MODULE = "transformers.pytorch_utils"
+
+
+def _conv1d_class() -> Optional[type]:
+    """transformers' `Conv1D` if its module is imported (else no model can hold one; nothing is imported)."""
+    return getattr(sys.modules.get(_CONV1D_MODULE), "Conv1D", None)
+
+
+def dense_type_of(module: nn.Module) -> Optional[str]:
+    """"linear" for an `nn.Linear`, "conv1d" for a GPT-2 `Conv1D`, None for anything else."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    conv1d = _conv1d_class()
+    if conv1d is not None and isinstance(module, conv1d):
+        return "conv1d"
+    return None
+
+
+def dense_features(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a dense layer of either type."""
+    if dense_type_of(module) == "conv1d":
+        return module.nf, module.nx
+    return module.out_features, module.in_features
+
+
+def dense_weight_of(module: nn.Module) -> torch.Tensor:
+    """The (out, in) weight of a dense layer of either type (a transposed view for `Conv1D`)."""
+    return module.weight.T if dense_type_of(module) == "conv1d" else module.weight
+
+
+@torch.no_grad()
+def make_dense(dense_type: str, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Module:
+    """A dense layer of `dense_type` computing x·weightᵀ + bias, for the (out, in) matrix `weight`."""
+    out_features, in_features = weight.shape
+    if dense_type == "conv1d":
+        from transformers.pytorch_utils import Conv1D
+
+        with torch.device(weight.device):
+            layer = Conv1D(out_features, in_features).to(weight.dtype)
+        layer.weight.copy_(weight.T)
+        if bias is None:  # Conv1D always has a bias; a zero one computes the same function
+            layer.bias.zero_()
+        else:
+            layer.bias.copy_(bias)
+        return layer
+    if dense_type != "linear":
+        raise ValueError(f"dense_type {dense_type!r} is not one of {', '.join(DENSE_TYPES)}")
+    layer = nn.Linear(in_features, out_features, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    layer.weight.copy_(weight)
+    if bias is not None:
+        layer.bias.copy_(bias)
+    return layer
 
 
 class _DecomposedLinear(nn.Module):
-    """What both layer forms share: the dense layer's shape, the rank k of U·V and the pruned dimension."""
+    """What both layer forms share: the dense layer's shape and type, the rank k of U·V and the pruned dimension."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int, prune_dim: str) -> None:
+    def __init__(self, in_features: int, out_features: int, rank: int, prune_dim: str,
+                 dense_type: str = "linear") -> None:
         super().__init__()
         if prune_dim not in PRUNE_DIM_TO_AXIS:
             raise ValueError(f"prune_dim {prune_dim!r} is not one of {sorted(PRUNE_DIM_TO_AXIS)}")
+        if dense_type not in DENSE_TYPES:
+            raise ValueError(f"dense_type {dense_type!r} is not one of {', '.join(DENSE_TYPES)}")
         self.in_features = in_features
         self.out_features = out_features
         self.rank = rank
         self.prune_dim = prune_dim
+        self.dense_type = dense_type
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A read-only stand-in for the replaced layer's `weight`: its shape, dtype and device, no values.
+
+        transformers' model code reads the weight of some layers it owns, e.g. T5's FFN does
+        `hidden_states.to(self.wo.weight.dtype)`, GPT-2's and T5's `_init_weights` name `c_proj.weight`
+        / `wo.weight`. As in PEFT's layers, `weight` is a property (never a parameter or buffer, so
+        `state_dict()`, `named_parameters()` and checkpoints are unchanged). It is *not* the effective
+        matrix U·V + S: materialising that on every read would cost an (out, in) matrix per forward in
+        T5 and undo the memory saving of the compact form. Instead it is a zero-stride `expand` of one
+        NaN scalar with the layer's dtype and device and the replaced layer's shape ((out, in) for
+        `nn.Linear`, (in, out) for `Conv1D`): it costs nothing, `.dtype`/`.device`/`.shape` are right,
+        code that wrongly computes with it gets NaN rather than plausible numbers, and writing into it
+        fails (in-place ops on an expanded tensor raise). It is marked `_is_hf_initialized`, so
+        transformers' init helpers skip it instead of failing. For the real matrix use
+        `effective_weight()` (training layer) or `dense_weight()` (compact layer).
+        """
+        reference = next(self.parameters(recurse=False), None)
+        if reference is None:  # no parameter at all: only the buffers tell the device
+            reference = next(self.buffers(recurse=False))
+            dtype = torch.get_default_dtype()
+        else:
+            dtype = reference.dtype
+        shape = (self.out_features, self.in_features)
+        if self.dense_type == "conv1d":
+            shape = shape[::-1]
+        stand_in = torch.full((), float("nan"), dtype=dtype, device=reference.device).expand(shape)
+        stand_in._is_hf_initialized = True
+        return stand_in
 
 
 class LoSparseLinear(_DecomposedLinear):
@@ -55,8 +149,9 @@ class LoSparseLinear(_DecomposedLinear):
         prune_dim: str = "rows",
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
+        dense_type: str = "linear",
     ) -> None:
-        super().__init__(in_features, out_features, rank, prune_dim)
+        super().__init__(in_features, out_features, rank, prune_dim, dense_type)
         factory = {"device": device, "dtype": dtype}
         self.low_rank_u = nn.Parameter(torch.zeros(out_features, rank, **factory)) if rank > 0 else None
         self.low_rank_v = nn.Parameter(torch.zeros(rank, in_features, **factory)) if rank > 0 else None
@@ -119,6 +214,7 @@ class LoSparseLinear(_DecomposedLinear):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"sparse={self.sparse is not None}, prune_dim={self.prune_dim}, bias={self.bias is not None}"
+            + (f", dense_type={self.dense_type}" if self.dense_type != "linear" else "")
         )
 
 
@@ -145,8 +241,9 @@ class CompactLoSparseLinear(_DecomposedLinear):
         prune_dim: str = "rows",
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
+        dense_type: str = "linear",
     ) -> None:
-        super().__init__(in_features, out_features, rank, prune_dim)
+        super().__init__(in_features, out_features, rank, prune_dim, dense_type)
         factory = {"device": device, "dtype": dtype}
         self.num_kept = num_kept
         if prune_dim == "rows":
@@ -174,6 +271,7 @@ class CompactLoSparseLinear(_DecomposedLinear):
             prune_dim=layer.prune_dim,
             device=ref.device,
             dtype=ref.dtype,
+            dense_type=layer.dense_type,
         )
         rank = layer.rank
         if layer.prune_dim == "rows":
@@ -227,4 +325,5 @@ class CompactLoSparseLinear(_DecomposedLinear):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"num_kept={self.num_kept} ({self.prune_dim}), bias={self.bias is not None}"
+            + (f", dense_type={self.dense_type}" if self.dense_type != "linear" else "")
         )

@@ -161,13 +161,14 @@ def target_shapes(auto_class: Any, model_config: Any, losparse_config: Any,
     import torch
 
     from .decompose import require_targets
+    from .layers import dense_features
 
     model_config = copy.deepcopy(model_config)
     for key, value in config_overrides.items():
         setattr(model_config, key, value)
     with torch.device("meta"):
         skeleton = auto_class.from_config(model_config)
-    return [(linear.out_features, linear.in_features) for _, linear in require_targets(skeleton, losparse_config)]
+    return [dense_features(linear) for _, linear in require_targets(skeleton, losparse_config)]
 
 
 def low_rank_budget(shapes: list[tuple[int, int]], losparse_config: Any) -> tuple[float, float]:

@@ -129,20 +129,27 @@ class LoSparsePruner:
             self.apply_masks()  # the last step: no regrown row survives into the trained model
 
     @torch.no_grad()
-    def update_masks(self, kept_fraction: float) -> None:
+    def update_masks(self, kept_fraction: float, scores: Optional[torch.Tensor] = None) -> None:
         """Recompute the masks for `kept_fraction` of all S parameters with this variant's keep rule.
 
         `paper`: keep the highest-scoring neurons whose cumulative parameters fit in `kept_fraction`.
         `reference`: keep every neuron whose score is ≥ the k-th smallest entry score, k = int(N·(1 − p)).
+        `scores`: one score per neuron of all layers, in layer order, to rank instead of the tracked
+        importance (which is left untouched), e.g. random scores to prune an untrained model for a benchmark.
         """
         if not self.layers:
             return
+        if scores is None:
+            scores = self.importance.scores()
+        elif scores.shape != self.neuron_sizes.shape:
+            raise ValueError(f"update_masks: {scores.numel()} scores given for {self.neuron_sizes.numel()} neurons")
+        scores = scores.to(self.neuron_sizes.device)
         if self.variant == "reference":
-            keep = self._reference_keep(kept_fraction)
+            keep = self._reference_keep(kept_fraction, scores)
             for layer, mask in zip(self.layers, torch.split(keep, self.importance.num_neurons)):
                 layer.set_sparse_mask(mask)
             return
-        order = torch.argsort(self.importance.scores(), descending=True, stable=True)
+        order = torch.argsort(scores, descending=True, stable=True)
         kept_params = torch.cumsum(self.neuron_sizes[order], dim=0)
         keep_sorted = kept_params <= kept_fraction * self.total_sparse_params + 0.5
         keep = torch.empty_like(keep_sorted)
@@ -150,8 +157,7 @@ class LoSparsePruner:
         for layer, mask in zip(self.layers, torch.split(keep, self.importance.num_neurons)):
             layer.set_sparse_mask(mask)
 
-    def _reference_keep(self, kept_fraction: float) -> torch.Tensor:
-        scores = self.importance.scores()
+    def _reference_keep(self, kept_fraction: float, scores: torch.Tensor) -> torch.Tensor:
         if kept_fraction <= 0.0:
             return torch.zeros_like(scores, dtype=torch.bool)
         num_entries = int(round(self.total_sparse_params))

@@ -1,13 +1,27 @@
-"""`LoSparseTrainer`: a `transformers.Trainer` that prunes S while it trains.
+"""Trainers that prune S while they train: `compose_trainer`, the mixins it composes, `LoSparseTrainer`.
 
 The pruning itself lives in `LoSparsePruner`; `LoSparseCallback` drives it from
 `TrainerCallback.on_optimizer_step`, which the Trainer calls exactly once per optimizer step,
 after `optimizer.step()` (so after gradient accumulation, unscaling, clipping and the DDP
 all-reduce) and before the gradients are zeroed. `LoSparseTrainerMixin` adds that callback (and
-checkpointing of the pruner's state) to any Trainer subclass, so the question-answering and
-seq2seq trainers compose with it rather than copying it:
+checkpointing of the pruner's state) to a Trainer class.
 
-    class MyQATrainer(LoSparseTrainerMixin, QuestionAnsweringTrainer): ...
+There is one way to add pruning and/or distillation to a task trainer (`Trainer`, `Seq2SeqTrainer`,
+`losparse.tasks.squad.QuestionAnsweringTrainer`, your own subclass):
+
+    compose_trainer(base, prune=True, distill=False)   # class LoSparse<Base>(LoSparseTrainerMixin, base)
+    compose_trainer(base, prune=True, distill=True)    # class LoSparseDistillation<Base>(LoSparseTrainerMixin,
+                                                       #       DistillationTrainerMixin, base)
+    compose_trainer(base, prune=False, distill=True)   # class Distillation<Base>(DistillationTrainerMixin, base)
+
+The classes are cached (the same arguments give the same class); `LoSparseTrainer` and
+`LoSparseSeq2SeqTrainer` are `compose_trainer(Trainer, prune=True)` and `(Seq2SeqTrainer, prune=True)`.
+The mixins take every argument by keyword (`model=`, `args=`, ...).
+
+Who calls `apply`: the caller, once. Either call `losparse.apply(model, config)` and pass the decomposed
+model, or pass `losparse_config=config` to a pruning trainer, whose constructor is then the one caller
+of `apply` (a model that is already decomposed is refused, never silently kept). The run scripts do
+the former through `losparse.cli.make_trainer`.
 
 Checkpoints are complete-or-absent: the pruner state is written inside `save_model`, i.e. with the
 model weights and before the Trainer writes `trainer_state.json` or rotates older checkpoints out
@@ -16,9 +30,11 @@ model weights and before the Trainer writes `trainer_state.json` or rotates olde
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
+import sys
 from typing import Any, Optional
 
 from transformers import Seq2SeqTrainer, Trainer, TrainerCallback
@@ -110,31 +126,47 @@ def declare_loss_kwargs(model: Any) -> None:
         model.accepts_loss_kwargs = loss_uses_num_items(model)
 
 
-class LoSparseTrainerMixin:
-    """Adds LoSparse pruning to a `Trainer` subclass.
+def refuse_positional(trainer_class: type, positional: tuple) -> None:
+    """The LoSparse mixins read `model` and `args` by name: refuse a call that passes anything positionally."""
+    if positional:
+        raise LoSparseUsageError(
+            f"{trainer_class.__name__} takes its arguments by keyword only: pass model=..., args=..., ... "
+            f"(got {len(positional)} positional argument{'s' if len(positional) > 1 else ''})"
+        )
 
-    Extra keyword argument:
-      losparse_config: if given and the model is not decomposed yet, `apply(model, losparse_config)`
-        runs first; otherwise the config recorded on the model by `apply` is used.
+
+class LoSparseTrainerMixin:
+    """Adds LoSparse pruning to a `Trainer` subclass; build the class with `compose_trainer(base, prune=True)`.
+
+    Keyword arguments only. Extra ones:
+      losparse_config: if given, this constructor calls `apply(model, losparse_config)` (so the model must
+        not be decomposed yet); if not, the model must come from `apply`, whose config it records.
+      allow_resume_config_change: resume a checkpoint written with other compression settings.
     After `train()`, `self.pruner` holds the pruner (its masks are already in the model).
     """
 
-    def __init__(self, *args: Any, losparse_config: Optional[LoSparseConfig] = None,
-                 allow_resume_config_change: bool = False, **kwargs: Any) -> None:
-        model = kwargs.get("model", args[0] if args else None)
+    def __init__(self, *positional: Any, model: Any = None, args: Any = None,
+                 losparse_config: Optional[LoSparseConfig] = None, allow_resume_config_change: bool = False,
+                 **kwargs: Any) -> None:
+        refuse_positional(type(self), positional)
         if model is None:
-            raise LoSparseUsageError("LoSparseTrainer needs a model")
-        if losparse_config is not None and not losparse_layers(model):
+            raise LoSparseUsageError(f"{type(self).__name__} needs a model")
+        if losparse_config is not None:
+            if losparse_layers(model):
+                raise LoSparseUsageError(
+                    "the model is already decomposed: drop losparse_config= (it asks this trainer to call "
+                    "losparse.apply, which runs once per model)"
+                )
             apply(model, losparse_config)
         config = getattr(model, "losparse_config", None)
-        if config is None:
+        if config is None or not losparse_layers(model):
             raise LoSparseUsageError(
-                "the model has no LoSparse layers: pass losparse_config=... or call losparse.apply(model, config) first"
+                "the model has no LoSparse layers: call losparse.apply(model, config) first, or pass "
+                "losparse_config=..."
             )
-        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
-        check_training_backend(training_args)
+        check_training_backend(args)
         declare_loss_kwargs(model)
-        super().__init__(*args, **kwargs)
+        super().__init__(model=model, args=args, **kwargs)
         self.losparse_callback = LoSparseCallback(model, config, allow_config_change=allow_resume_config_change)
         self.add_callback(self.losparse_callback)
 
@@ -165,9 +197,50 @@ class LoSparseTrainerMixin:
             pruner.save(output_dir)
 
 
-class LoSparseTrainer(LoSparseTrainerMixin, Trainer):
-    """`transformers.Trainer` + LoSparse pruning (see `LoSparseTrainerMixin`)."""
+def compose_trainer(base: type, *, prune: bool = False, distill: bool = False) -> type:
+    """`base` (a `transformers.Trainer` subclass) with LoSparse pruning and/or knowledge distillation.
+
+    The one way to build these classes (see the module docstring): the bases are
+    `(LoSparseTrainerMixin, DistillationTrainerMixin, base)`, leaving out the mixins not asked for, and the
+    name says what was composed, e.g. `LoSparseDistillationSeq2SeqTrainer`. Neither flag: `base` itself.
+    The same arguments always give the same class.
+    """
+    if not (isinstance(base, type) and issubclass(base, Trainer)):
+        raise LoSparseUsageError(f"compose_trainer needs a transformers.Trainer subclass, not {base!r}")
+    return _compose(base, bool(prune), bool(distill))
 
 
-class LoSparseSeq2SeqTrainer(LoSparseTrainerMixin, Seq2SeqTrainer):
-    """`transformers.Seq2SeqTrainer` + LoSparse pruning (see `LoSparseTrainerMixin`)."""
+def _holds_distillation(base: type) -> bool:
+    # losparse.distill imports this module, so it is imported here only when needed: a class can only derive
+    # from its mixin once it is loaded.
+    distill = sys.modules.get(f"{__package__}.distill")
+    mixin = getattr(distill, "DistillationTrainerMixin", None)
+    return mixin is not None and issubclass(base, mixin)
+
+
+@functools.lru_cache(maxsize=None)
+def _compose(base: type, prune: bool, distill: bool) -> type:
+    if issubclass(base, LoSparseTrainerMixin) or _holds_distillation(base):
+        raise LoSparseUsageError(
+            f"{base.__name__} already holds a LoSparse mixin; pass the plain task trainer (Trainer, Seq2SeqTrainer, "
+            "QuestionAnsweringTrainer, ...) and say what to add with prune= and distill="
+        )
+    if not (prune or distill):
+        return base
+    mixins: tuple[type, ...] = (LoSparseTrainerMixin,) if prune else ()
+    if distill:
+        from .distill import DistillationTrainerMixin
+
+        mixins += (DistillationTrainerMixin,)
+    name = ("LoSparse" if prune else "") + ("Distillation" if distill else "") + base.__name__
+    added = " and ".join(part for part, wanted in (("LoSparse pruning (see `LoSparseTrainerMixin`)", prune),
+                                                   ("knowledge distillation (see `DistillationTrainerMixin`)", distill))
+                         if wanted)
+    return type(name, (*mixins, base), {"__module__": __name__, "__qualname__": name,
+                                         "__doc__": f"`{base.__module__}.{base.__qualname__}` + {added}."})
+
+
+#: `transformers.Trainer` + LoSparse pruning.
+LoSparseTrainer = compose_trainer(Trainer, prune=True)
+#: `transformers.Seq2SeqTrainer` + LoSparse pruning.
+LoSparseSeq2SeqTrainer = compose_trainer(Seq2SeqTrainer, prune=True)

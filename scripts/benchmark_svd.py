@@ -18,17 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from typing import Any, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-import losparse  # noqa: E402
-from losparse.benchmark import (  # noqa: E402
+import losparse
+from losparse.decompose import randomized_top_svd, rank_for_ratio
+from losparse.tools.benchmark import (
     ARCHS,
     TimingVerdict,
     build_model,
@@ -41,7 +39,6 @@ from losparse.benchmark import (  # noqa: E402
     threads_flag_error,
     timing_line,
 )
-from losparse.decompose import randomized_top_svd, rank_for_ratio  # noqa: E402
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

@@ -4,7 +4,8 @@
 # compress MiniLM to 20% with LoSparse, and print dense vs compressed accuracy, size and latency.
 #   bash scripts/quickstart.sh            # ~7 minutes on 2 CPU cores, plus the install
 # Environment: OUTPUT_DIR (default outputs/quickstart), LOSPARSE_CACHE (default ~/.cache/losparse),
-# SKIP_INSTALL=1 to reuse the current environment, EXTRA_ARGS for more run_glue.py flags.
+# SKIP_INSTALL=1 to reuse the current environment (losparse installed there: pip install -e .), EXTRA_ARGS for
+# more run_glue.py flags.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUTPUT_DIR=${OUTPUT_DIR:-outputs/quickstart}

@@ -7,7 +7,7 @@
 Accuracy comes from each run's all_results.json (the compressed one is measured on the compact model
 that was saved); latency is measured here, on the same sentences, for both models in one process,
 interleaved (dense, compressed, dense, ...) so a change in machine load hits both alike. Each speed-up
-is printed with the verdict of `losparse.benchmark.judge_timing`: on a loaded machine (load average
+is printed with the verdict of `losparse.tools.benchmark.judge_timing`: on a loaded machine (load average
 above the cores) or with scattered repeats it says UNRELIABLE and why, next to the figure, and the
 JSON records timing_reliable / timing_warning.
 """
@@ -19,15 +19,12 @@ import csv
 import json
 import os
 import platform
-import sys
 from datetime import date
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import losparse  # noqa: E402
-from losparse.benchmark import (  # noqa: E402
+import losparse
+from losparse.tools.benchmark import (
     combine_verdicts,
     interleaved_latency_ms,
     judge_timing,
@@ -49,7 +46,7 @@ def time_pair(models: dict, inputs: dict, repeats: int, warmup: int = 3):
     return {name: s["median_ms"] for name, s in stats.items()}, verdict
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dense", required=True, help="output_dir of the dense (--method finetune) run")
     parser.add_argument("--compressed", required=True, help="output_dir of the LoSparse run")
@@ -62,6 +59,27 @@ def main(argv=None) -> None:
     for path in (args.dense, args.compressed):
         if not os.path.isfile(os.path.join(path, "all_results.json")):
             parser.error(f"{path} holds no all_results.json: run the training step first")
+    return args
+
+
+def size_rows(args: argparse.Namespace, dense, compact) -> dict:
+    """Accuracy (from each run's all_results.json), parameters and weight size of both models."""
+    rows = {}
+    for name, model, path in (("dense", dense, args.dense), ("LoSparse", compact, args.compressed)):
+        with open(os.path.join(path, "all_results.json")) as f:
+            results = json.load(f)
+        rows[name] = {
+            "eval_accuracy": results["eval_accuracy"],
+            "params": parameter_count(model),
+            "encoder_matrix_params": results["compression"].get("target_params",
+                                                                results["compression"].get("model_params")),
+            "weights_mb": weights_size_mb(path),
+        }
+    return rows
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -75,17 +93,7 @@ def main(argv=None) -> None:
         return tokenizer(sentences[:size], padding=True, truncation=True, max_length=args.max_seq_length,
                          return_tensors="pt")
 
-    rows = {}
-    for name, model, path in (("dense", dense, args.dense), ("LoSparse", compact, args.compressed)):
-        with open(os.path.join(path, "all_results.json")) as f:
-            results = json.load(f)
-        rows[name] = {
-            "eval_accuracy": results["eval_accuracy"],
-            "params": parameter_count(model),
-            "encoder_matrix_params": results["compression"].get("target_params",
-                                                                results["compression"].get("model_params")),
-            "weights_mb": weights_size_mb(path),
-        }
+    rows = size_rows(args, dense, compact)
     models = {"dense": dense, "LoSparse": compact}
     key_big = f"latency_ms_batch{args.batch_size}"
     verdicts = {}

@@ -3,11 +3,31 @@
 from __future__ import annotations
 
 import csv
+import functools
+import importlib.util
 import os
 import random
+import sys
+from types import ModuleType
 
 import pytest
 import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@functools.lru_cache(maxsize=None)
+def load_script(path: str) -> ModuleType:
+    """An entry script of the repository (e.g. "run_glue.py", "scripts/reproduce.py") as a module, loaded
+    from its file once per session: the scripts are not a package, so they are never imported via sys.path.
+    The module is registered under its file name (run_glue, ...) so dataclasses and pickling find it."""
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
 
 WORDS = ("good great fine nice happy love best fun bad awful poor sad hate worst dull boring movie film plot "
          "actor scene story the a is was very not quite").split()

@@ -17,12 +17,13 @@ import sys
 import torch
 from transformers import BertForSequenceClassification, TrainingArguments
 
-sys.path.insert(0, os.path.dirname(__file__))
-from conftest import tiny_bert_config  # noqa: E402
-from test_trainer import ToyDataset  # noqa: E402
+# Run as a script (plainly or by torchrun), so its own directory, tests/, is first on sys.path; losparse
+# is the installed package (or PYTHONPATH, which tests/test_distributed.py sets to the repository root).
+from conftest import tiny_bert_config
+from test_trainer import ToyDataset
 
-from losparse import LoSparseConfig, LoSparsePruner, LoSparseTrainer  # noqa: E402
-from losparse.decompose import losparse_layers  # noqa: E402
+from losparse import LoSparseConfig, LoSparsePruner, LoSparseTrainer
+from losparse.decompose import losparse_layers
 
 
 def record_pruner_saves(output_dir: str) -> None:

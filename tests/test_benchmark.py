@@ -5,26 +5,21 @@ JSON holds what the issue asks for, that dense and compact agree, and that the c
 compact layer's work as documented.
 """
 
-import importlib.util
 import json
 import os
 
 import pytest
 import torch
+from conftest import load_script
 from torch import nn
 
 import losparse
-from losparse import benchmark
 from losparse.layers import CompactLoSparseLinear
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from losparse.tools import benchmark, inference_benchmark
 
 
 def _script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"scripts/{name}.py")
 
 
 @pytest.fixture(scope="module")
@@ -284,7 +279,7 @@ def _tight_timer(real):
 
 def test_inference_quiet_tight_run_prints_no_warning(inference_script, tmp_path, monkeypatch, capsys):
     _fake_machine(monkeypatch, QUIET)
-    monkeypatch.setattr(inference_script, "interleaved_latency_ms", _tight_timer(benchmark.interleaved_latency_ms))
+    monkeypatch.setattr(inference_benchmark, "interleaved_latency_ms", _tight_timer(benchmark.interleaved_latency_ms))
     out = tmp_path / "out.json"
     rc = inference_script.main(["--arch", "tiny-llama", "--device", "cpu", "--repeats", "2", "--warmup", "1",
                                 "--batch_size", "1", "--seq_len", "8", "--max_new_tokens", "3", "--threads", "1",

@@ -4,8 +4,9 @@ import pytest
 from transformers import TrainingArguments
 
 from losparse import LoSparseConfig, LoSparseUsageError
-from losparse.cli import ModelArguments, RunArguments, coerce_number, parse_arguments
+from losparse.cli import ModelArguments, RunArguments, parse_arguments
 from losparse.tasks.glue import GlueDataArguments
+from losparse.yaml_config import coerce_number
 
 TYPES = (ModelArguments, GlueDataArguments, LoSparseConfig, RunArguments, TrainingArguments)
 

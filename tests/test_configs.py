@@ -72,8 +72,8 @@ import math  # noqa: E402
 
 from transformers import Seq2SeqTrainingArguments  # noqa: E402
 
-from losparse.cli import resolve_yaml_config  # noqa: E402
 from losparse.schedule import CubicSchedule, resolve_steps  # noqa: E402
+from losparse.yaml_config import resolve_yaml_config  # noqa: E402
 
 # Real train-split sizes (examples). SQuAD v1.1: 87,599 questions. The Trainer steps over windows of 384 tokens
 # with stride 128, and every question gives at least one window, so the question count is a lower bound on the

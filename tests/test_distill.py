@@ -10,10 +10,10 @@ from transformers import (AutoModelForSequenceClassification, BertForQuestionAns
                           HfArgumentParser, Trainer, TrainingArguments)
 
 import losparse
-from losparse import CompactLoSparseLinear, LoSparseConfig, LoSparseTrainerMixin, LoSparseUsageError
-from losparse.distill import (DistillationArguments, DistillationTrainer, DistillationTrainerMixin, default_layer_map,
-                              distillation_loss, load_teacher, with_distillation)
-from losparse.tasks.squad import LoSparseQuestionAnsweringTrainer, QuestionAnsweringTrainerMixin
+from losparse import CompactLoSparseLinear, LoSparseConfig, LoSparseUsageError, compose_trainer
+from losparse.distill import (DistillationArguments, default_layer_map, distillation_loss, hidden_state_groups,
+                              hidden_state_masks, load_teacher, logits_of)
+from losparse.tasks.squad import QuestionAnsweringTrainer
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -225,12 +225,12 @@ def _batch(n=4):
     return {k: torch.stack([data[i][k] for i in range(n)]) for k in ("input_ids", "attention_mask", "labels")}
 
 
-class PruningDistillTrainer(LoSparseTrainerMixin, DistillationTrainerMixin, Trainer):
-    pass
+PruningDistillTrainer = compose_trainer(Trainer, prune=True, distill=True)      # distill_stage="during"
+DistillationTrainer = compose_trainer(Trainer, distill=True)                      # distill_stage="after"
 
 
-def _student(config_kwargs=None):
-    student = _bert(0)
+def _student(config_kwargs=None, **bert_config):
+    student = _bert(0, **bert_config)
     losparse.apply(student, LoSparseConfig(remaining_ratio=0.3, low_rank_ratio=0.1, **(config_kwargs or {})))
     return student
 
@@ -263,30 +263,84 @@ def test_training_with_a_teacher_adds_the_distillation_term_and_still_prunes(tmp
     assert "teacher" not in "".join(trainer.model.state_dict())      # the teacher is not part of the student
 
 
-def test_compute_loss_adds_the_term_once_and_respects_accumulation_scaling(tmp_path, teacher_dir):
+NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def test_compute_loss_is_the_task_loss_plus_distillation_loss(tmp_path, teacher_dir):
     teacher = load_teacher(teacher_dir, AutoModelForSequenceClassification)
     distill = DistillationArguments(teacher_model_name_or_path=teacher_dir, alpha_layer=2.0, alpha_output=3.0)
-    trainer = PruningDistillTrainer(model=_student(), args=_args(tmp_path, gradient_accumulation_steps=2),
+    trainer = PruningDistillTrainer(model=_student(**NO_DROPOUT), args=_args(tmp_path, gradient_accumulation_steps=2),
                                     train_dataset=ToyDataset(), teacher_model=teacher, distill_args=distill)
+    # The loss declares its own scaling: a per-micro-batch mean, which training_step divides by the steps.
+    assert trainer.loss_is_scaled_for_ga is False
     model, batch = trainer.model, _batch()
     model.train()
-    torch.manual_seed(0)
-    loss = trainer.compute_loss(model, batch)
+    loss = trainer.compute_loss(model, batch, num_items_in_batch=8)
     parts = trainer.last_distill_losses
     assert parts["output"] > 0 and parts["layer"] > 0
     assert loss.item() == pytest.approx(parts["task"].item() + parts["total"].item(), rel=1e-5)
-    # With num_items_in_batch the Trainer treats the task loss as normalised over the accumulated batch and
-    # does not divide it by the accumulation steps, so the (per-micro-batch) distillation term is divided here.
-    trainer.loss_is_scaled_for_ga = True
-    trainer.current_gradient_accumulation_steps = 2
-    loss = trainer.compute_loss(model, batch, num_items_in_batch=8)
-    parts = trainer.last_distill_losses
-    assert loss.item() == pytest.approx(parts["task"].item() + parts["total"].item() / 2, rel=1e-5)
+    # The terms are exactly distillation_loss on the two models' outputs (the function the tests above pin).
+    with torch.no_grad():
+        student_out = model(**batch, output_hidden_states=True)
+        teacher_out = teacher(**batch, output_hidden_states=True)
+    student_hidden, teacher_hidden = dict(hidden_state_groups(student_out)), dict(hidden_state_groups(teacher_out))
+    expected = distillation_loss(logits_of(student_out), logits_of(teacher_out), student_hidden, teacher_hidden,
+                                 3.0, 2.0, 2.0, attention_mask=batch["attention_mask"], labels=batch["labels"],
+                                 hidden_masks=hidden_state_masks(student_hidden, batch))
+    for key in ("output", "layer", "total"):
+        assert parts[key].item() == pytest.approx(expected[key].item(), rel=1e-6), key
+    assert parts["task"].item() == pytest.approx(student_out.loss.item(), rel=1e-6)
     # Evaluation is the plain task loss.
     model.eval()
     with torch.no_grad():
         plain = Trainer.compute_loss(trainer, model, batch)
         assert trainer.compute_loss(model, batch).item() == pytest.approx(plain.item())
+
+
+def test_a_base_class_that_declares_its_loss_scaled_keeps_num_items_and_gets_the_term_divided(tmp_path, teacher_dir):
+    class ScaledTrainer(Trainer):
+        loss_is_scaled_for_ga = True          # its task loss is already normalised over the accumulated batch
+
+    teacher = load_teacher(teacher_dir, AutoModelForSequenceClassification)
+    distill = DistillationArguments(teacher_model_name_or_path=teacher_dir, alpha_layer=2.0, alpha_output=3.0)
+    trainer = compose_trainer(ScaledTrainer, prune=True, distill=True)(
+        model=_student(**NO_DROPOUT), args=_args(tmp_path, gradient_accumulation_steps=2), train_dataset=ToyDataset(),
+        teacher_model=teacher, distill_args=distill)
+    assert trainer.loss_is_scaled_for_ga is True
+    trainer.current_gradient_accumulation_steps = 2          # what the training loop sets
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, _batch(), num_items_in_batch=8)
+    parts = trainer.last_distill_losses
+    assert loss.item() == pytest.approx(parts["task"].item() + parts["total"].item() / 2, rel=1e-5)
+
+
+@pytest.mark.parametrize("accepts_loss_kwargs", [False, True], ids=["per-batch-loss", "model-claims-num-items"])
+def test_gradient_accumulation_weighs_the_loss_like_one_big_batch(tmp_path, teacher_dir, accepts_loss_kwargs):
+    """2 accumulated micro-batches of 4 give the loss and the update of 1 batch of 8, whatever the model
+    says about `num_items_in_batch` (the Trainer's own guess would skip the division when it claims it)."""
+    teacher = load_teacher(teacher_dir, AutoModelForSequenceClassification)
+    distill = DistillationArguments(teacher_model_name_or_path=teacher_dir, alpha_output=3.0, alpha_layer=50.0,
+                                    distill_stage="after")
+
+    def one_step(batch_size, accumulation):
+        student = _bert(0, **NO_DROPOUT)
+        student.accepts_loss_kwargs = accepts_loss_kwargs
+        args = _args(tmp_path / f"b{batch_size}", per_device_train_batch_size=batch_size, max_steps=1,
+                     gradient_accumulation_steps=accumulation, optim="sgd", learning_rate=1.0, weight_decay=0.0,
+                     lr_scheduler_type="constant", max_grad_norm=0.0, logging_steps=1)
+        trainer = DistillationTrainer(model=student, args=args, train_dataset=ToyDataset(n=8), teacher_model=teacher,
+                                      distill_args=distill)
+        before = {name: p.detach().clone() for name, p in student.named_parameters()}
+        trainer.train()
+        (loss,) = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        return loss, {name: before[name] - p.detach() for name, p in student.named_parameters()}   # = lr·grad
+
+    big_loss, big_update = one_step(8, 1)
+    accumulated_loss, accumulated_update = one_step(4, 2)
+    assert accumulated_loss == pytest.approx(big_loss, rel=1e-5)
+    assert max(u.abs().max().item() for u in big_update.values()) > 1e-3      # the step did move the weights
+    for name, update in big_update.items():
+        torch.testing.assert_close(accumulated_update[name], update, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_a_copy_of_the_student_as_teacher_adds_nothing(tmp_path, teacher_dir):
@@ -302,25 +356,23 @@ def test_a_copy_of_the_student_as_teacher_adds_nothing(tmp_path, teacher_dir):
 
 
 def test_question_answering_trainer_composes_with_tuple_logits(tmp_path):
-    class QATrainer(LoSparseTrainerMixin, DistillationTrainerMixin, QuestionAnsweringTrainerMixin, Trainer):
-        pass
-
     teacher = _bert(1, BertForQuestionAnswering)
     student = _bert(0, BertForQuestionAnswering)
     losparse.apply(student, LoSparseConfig(remaining_ratio=0.3, low_rank_ratio=0.1))
     distill = DistillationArguments(teacher_model_name_or_path="qa-teacher", alpha_output=1.0, alpha_layer=1.0)
-    for cls in (QATrainer, with_distillation(LoSparseQuestionAnsweringTrainer)):
-        trainer = cls(model=student, args=_args(tmp_path), teacher_model=teacher, distill_args=distill,
-                      eval_examples=None, n_best_size=5)
-        assert trainer.n_best_size == 5 and trainer.losparse_callback is not None
-        batch = _batch()
-        batch = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                 "start_positions": torch.tensor([1, 2, 3, 4]), "end_positions": torch.tensor([2, 3, 4, 5])}
-        student.train()
-        loss = trainer.compute_loss(student, batch)
-        parts = trainer.last_distill_losses
-        assert parts["output"] > 0 and parts["layer"] > 0
-        assert loss.item() == pytest.approx((parts["task"] + parts["total"]).item(), rel=1e-5)
+    trainer_class = compose_trainer(QuestionAnsweringTrainer, prune=True, distill=True)
+    assert trainer_class.__name__ == "LoSparseDistillationQuestionAnsweringTrainer"
+    trainer = trainer_class(model=student, args=_args(tmp_path), teacher_model=teacher, distill_args=distill,
+                            eval_examples=None, n_best_size=5)
+    assert trainer.n_best_size == 5 and trainer.losparse_callback is not None
+    batch = _batch()
+    batch = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+             "start_positions": torch.tensor([1, 2, 3, 4]), "end_positions": torch.tensor([2, 3, 4, 5])}
+    student.train()
+    loss = trainer.compute_loss(student, batch)
+    parts = trainer.last_distill_losses
+    assert parts["output"] > 0 and parts["layer"] > 0
+    assert loss.item() == pytest.approx((parts["task"] + parts["total"]).item(), rel=1e-5)
 
 
 def test_seq2seq_models_distil_encoder_and_decoder_hidden_states(tmp_path):

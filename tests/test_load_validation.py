@@ -133,6 +133,13 @@ MANIFEST_CASES = {
     "bias_wrong": (_set("layers", QUERY, "bias", False), f"layers['{QUERY}'].bias is False, but the layer"),
     "shape_from_manifest": (lambda m: m["layers"][QUERY].update(in_features=20000, out_features=20000),
                             f"layers['{QUERY}'].out_features x in_features is 20000x20000, but config.json"),
+    # Provenance fields (optional within format 1): typed, and the summaries must agree with losparse_config.
+    "base_model_not_str": (_set("base_model", ["a"]), "base_model must be a string or null, not ['a']"),
+    "losparse_version_not_str": (_set("losparse_version", 1), "losparse_version must be a string or null"),
+    "method_disagrees": (_set("method", "itp"), "method 'itp' disagrees with losparse_config.method 'losparse'"),
+    "ratio_disagrees": (_set("remaining_ratio", 0.5), "remaining_ratio 0.5 disagrees with losparse_config"),
+    "ratio_bool": (_set("low_rank_ratio", True), "low_rank_ratio must be a number or null, not True"),
+    "achieved_ratio_str": (_set("achieved_remaining_ratio", "0.4"), "achieved_remaining_ratio must be a number"),
 }
 
 WEIGHTS_CASES = {

@@ -5,10 +5,13 @@ import json
 import pytest
 import torch
 
+from conftest import load_script
+
 import losparse
-import run_glue
 from losparse import CompactLoSparseLinear, LoSparseConfig
 from losparse.methods import METHOD_SPECS
+
+run_glue = load_script("run_glue.py")
 
 COMPRESSING = [name for name, spec in METHOD_SPECS.items() if spec.decomposes]
 

@@ -1,27 +1,19 @@
 """scripts/quickstart_report.py on a tiny dense model and its compressed copy: the speed-ups it prints
 carry the timing verdict (fake load averages and repeats; no timing is asserted)."""
 
-import importlib.util
 import json
 import os
 
 import pytest
+from conftest import load_script, make_tiny_bert_dir, write_sentiment_csv
 
 import losparse
-from losparse import benchmark
-
-from conftest import make_tiny_bert_dir, write_sentiment_csv
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from losparse.tools import benchmark
 
 
 @pytest.fixture(scope="module")
 def report_script():
-    spec = importlib.util.spec_from_file_location("quickstart_report",
-                                                  os.path.join(ROOT, "scripts", "quickstart_report.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/quickstart_report.py")
 
 
 @pytest.fixture(scope="module")

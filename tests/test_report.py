@@ -1,4 +1,4 @@
-"""losparse.report and losparse.paper_results: collecting runs, paper tables, plots, CLI."""
+"""losparse.tools.{results,report,plots,paper_results}: collecting runs, paper tables, plots, CLI."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from losparse import paper_results
-from losparse.report import (collect_results, main, plot_importance_histograms, plot_kept_schedule,
-                             plot_metric_vs_ratio, plot_singular_values, render_table)
+from losparse.tools import paper_results
+from losparse.tools.plots import (plot_importance_histograms, plot_kept_schedule, plot_metric_vs_ratio,
+                                  plot_singular_values)
+from losparse.tools.report import main, render_table
+from losparse.tools.results import collect_results
 
 MODEL = "microsoft/deberta-v3-base"
 
@@ -200,21 +202,59 @@ def test_plots(tmp_path):
     assert _png(plot_metric_vs_ratio([], "mnli", "accuracy", str(tmp_path / "empty.png")))
 
 
-def test_importance_and_spectra_of_a_losparse_model(tmp_path):
+def test_spectra_of_a_losparse_model(tmp_path):
     import losparse
-    from losparse.report import importance_by_layer
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     losparse.apply(model, losparse.LoSparseConfig(remaining_ratio=0.5, low_rank_ratio=0.1,
                                                   target_module_types=["Linear"]))
-    pruner = losparse.LoSparsePruner(model, total_steps=10)
-    model(torch.randn(4, 16)).sum().backward()
-    pruner.step(1)
-    scores = importance_by_layer(pruner, model)
-    assert {k: v.shape for k, v in scores.items()} == {"0": (32,), "2": (8,)}
-    assert _png(plot_importance_histograms(scores, scores, str(tmp_path / "imp.png"), labels=("a", "b")))
     # A LoSparse layer contributes its effective weight U·V + S (the dense W at step 0).
     assert _png(plot_singular_values(model, str(tmp_path / "svd_model.png")))
     assert _png(plot_singular_values(dense, str(tmp_path / "svd_dense.png"), layer_patterns=[r"^0\."]))
+
+
+def _pruning_run(root, name, method, seed=1):
+    """A finished pruning run as the trainer leaves it: all_results.json and a checkpoint with the pruner state."""
+    import losparse
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    config = losparse.LoSparseConfig(method=method, remaining_ratio=0.5, low_rank_ratio=0.1, pruning_interval=5,
+                                     target_module_types=["Linear"])
+    losparse.apply(model, config)
+    pruner = losparse.LoSparsePruner(model, total_steps=40)
+    model(torch.randn(4, 16)).sum().backward()
+    pruner.step(1)
+    low_rank_share = losparse.parameter_report(model)["low_rank_share"]
+    run_dir = write_run(root, name, method, 0.5, seed, "rte", {"accuracy": 0.6},
+                        compression={"remaining_ratio": 0.5, "low_rank_share": low_rank_share})
+    checkpoint = run_dir / "checkpoint-30"
+    pruner.save(str(checkpoint))
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"max_steps": 40, "global_step": 30}))
+    return low_rank_share
+
+
+def test_cli_plots_draw_schedules_importances_and_spectra_from_saved_runs(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    root = tmp_path / "outputs"
+    low_rank_share = _pruning_run(root, "lo", "losparse")
+    _pruning_run(root, "itp", "itp")
+    _pruning_run(root, "other-seed", "losparse", seed=2)  # no ITP run with seed 2: no importance plot
+    dense_dir = write_run(root, "dense", "finetune", 1.0, 1, "rte", {"accuracy": 0.7})
+    save_file({"encoder.weight": torch.randn(24, 16), "embeddings.weight": torch.randn(50, 16),
+               "encoder.bias": torch.randn(24)}, str(dense_dir / "model.safetensors"))
+    plots = tmp_path / "plots"
+    assert main([str(root), "--table", "claim", "--plots", str(plots)]) == 0
+    names = sorted(os.listdir(plots))
+    assert all(_png(str(plots / n)) for n in names)
+    schedules = [n for n in names if n.startswith("schedule-")]
+    # t_i, t_f from the configs' ratios of T = 40; p_T = ratio - low-rank share (LoSparse), the ratio (ITP)
+    assert sorted(schedules) == sorted([f"schedule-T40-ti4-tf12-p{0.5 - low_rank_share:.4f}-dT5-paper.png",
+                                        "schedule-T40-ti4-tf12-p0.5000-dT5-paper.png"])
+    assert [n for n in names if n.startswith("importance-")] == ["importance-deberta-v3-base-rte-r0.5-s1.png"]
+    assert [n for n in names if n.startswith("spectrum-")] == ["spectrum-deberta-v3-base-rte-finetune-r1-s1.png"]
+    assert "rte-accuracy.png" in names
+    assert len(names) == 5

@@ -7,14 +7,11 @@ Expected cell counts are computed from the YAML tables, so editing a table keeps
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
 import re
 import shlex
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -226,13 +223,10 @@ def test_figure6_sweeps_low_rank_below_the_ratio(tmp_path: Path) -> None:
 
 
 def _load_cli_resolver():
-    """losparse/cli.py's YAML resolution, loaded without the package __init__ (which imports torch)."""
-    name = "_losparse_cli_only"
-    if name not in sys.modules:
-        package = types.ModuleType(name)
-        package.__path__ = [str(REPO / "losparse")]
-        sys.modules[name] = package
-    return importlib.import_module(f"{name}.cli").resolve_yaml_config
+    """The entry scripts' YAML resolution (losparse.cli.parse_arguments calls losparse.yaml_config's)."""
+    from losparse.cli import resolve_yaml_config
+
+    return resolve_yaml_config
 
 
 class _AnyKey:
@@ -439,11 +433,10 @@ def test_run_loop_resumes_an_interrupted_cell_and_says_so(tmp_path: Path) -> Non
 
 
 def _load_driver():
-    spec = importlib.util.spec_from_file_location("_reproduce_driver", DRIVER)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # (its dataclasses look their module up)
-    spec.loader.exec_module(module)
-    return module
+    """The driver behind scripts/reproduce.py."""
+    from losparse.tools import reproduce
+
+    return reproduce
 
 
 def test_dry_run_imports_no_torch(tmp_path: Path) -> None:

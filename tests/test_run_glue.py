@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import load_script
+
 import losparse
-import run_glue
 from losparse.cli import run_main
+
+run_glue = load_script("run_glue.py")
 
 
 def _argv(model_dir, files, output_dir, *extra):

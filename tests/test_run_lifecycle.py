@@ -7,11 +7,13 @@ import subprocess
 import sys
 
 import pytest
+from conftest import load_script
 from test_run_glue import _argv, no_loading, refused  # noqa: F401  (fixture)
 
 import losparse
-import run_glue
 from losparse.cli import remove_stale_artifacts
+
+run_glue = load_script("run_glue.py")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT = ("--num_train_epochs", "1")

@@ -10,13 +10,14 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import WORDS, tiny_bert_config, write_vocab
+from conftest import WORDS, load_script, tiny_bert_config, write_vocab
 
 import losparse
-import run_squad
 from losparse import LoSparseUsageError
 from losparse.cli import run_main
 from losparse.tasks import squad
+
+run_squad = load_script("run_squad.py")
 
 MAX_LEN, STRIDE = 16, 4  # question "movie" + 3 special tokens -> 12 context tokens per window, 4 shared
 

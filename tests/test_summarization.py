@@ -7,12 +7,15 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import load_script
+
 import losparse
-import run_summarization
 from losparse.cli import parse_arguments, run_main
 from losparse.errors import LoSparseUsageError
 from losparse.metrics import rouge_scores
 from losparse.tasks import summarization
+
+run_summarization = load_script("run_summarization.py")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = "Anna Ben Carla Dev Emil Fay Gus Hana".split()
@@ -284,3 +287,32 @@ def test_lead3_refuses_an_empty_article_too(tmp_path, capsys, no_model_loading):
     with pytest.raises(SystemExit):
         run_main(run_summarization.main, ["--validation_file", str(path), "--lead3", "--output_dir", str(tmp_path / "o")])
     assert capsys.readouterr().err.strip() == f"error: --validation_file '{path}' line 3: the article column 'text' is empty"
+
+
+def test_final_evaluation_generates_without_changing_a_loss_only_trainer(tiny_bart_dir, data_files, tmp_path):
+    """--predict_with_generate false: evaluations during training report the loss only, the final pass still
+    generates, and the training trainer is not changed after it was built (the pass gets its own)."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq, Seq2SeqTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bart_dir)
+    model = AutoModelForSeq2SeqLM.from_pretrained(tiny_bart_dir)
+    data_args = summarization.SummarizationDataArguments(train_file=data_files[0], validation_file=data_files[1],
+                                                         max_source_length=32, max_target_length=12)
+    raw = summarization.load_raw_datasets(data_args)
+    validation = summarization.preprocess(raw, tokenizer, data_args)["validation"]
+    args = run_summarization.SummarizationTrainingArguments(
+        output_dir=str(tmp_path), predict_with_generate=False, generation_max_length=12, generation_num_beams=2,
+        per_device_eval_batch_size=4, report_to="none", use_cpu=True, disable_tqdm=True)
+    collator = DataCollatorForSeq2Seq(tokenizer, model=model)
+    compute_metrics = summarization.make_compute_metrics(tokenizer)
+    trainer = Seq2SeqTrainer(model=model, args=args, data_collator=collator, processing_class=tokenizer,
+                             eval_dataset=validation)
+    during_training = trainer.evaluate()
+    assert "eval_loss" in during_training and "eval_rouge1" not in during_training
+
+    metrics = run_summarization.evaluate_with_generation(trainer, validation, tokenizer, collator, compute_metrics)
+    assert {"eval_loss", "eval_rouge1", "eval_rougeL", "eval_gen_len"} <= set(metrics)
+    assert trainer.args is args and args.predict_with_generate is False and trainer.compute_metrics is None
+    assert trainer.state.log_history[-1]["eval_rouge1"] == metrics["eval_rouge1"]     # logged by the trainer
+    written = (tmp_path / run_summarization.PREDICTIONS_FILE).read_text(encoding="utf-8").split("\n")
+    assert len(written) == len(validation) + 1

@@ -7,7 +7,7 @@ import torch
 from transformers import TrainingArguments
 
 import losparse
-from losparse import LoSparseConfig, LoSparseTrainer, LoSparseUsageError
+from losparse import LoSparseConfig, LoSparseTrainer, LoSparseTrainerMixin, LoSparseUsageError, compose_trainer
 from losparse.trainer import check_training_backend
 
 
@@ -142,3 +142,81 @@ def test_deepspeed_and_fsdp_are_refused_up_front():
 def test_trainer_needs_a_decomposed_model_or_a_config(tmp_path):
     with pytest.raises(LoSparseUsageError, match="has no LoSparse layers"):
         LoSparseTrainer(model=_model(), args=_args(tmp_path), train_dataset=ToyDataset())
+
+
+# ------------------------------------------------------------------------------------------------
+# Composition: compose_trainer is the one way to build the classes; the caller applies once.
+
+def test_compose_trainer_gives_one_cached_class_per_combination_with_the_documented_mro():
+    from transformers import Seq2SeqTrainer, Trainer
+
+    from losparse.distill import DistillationTrainerMixin
+    from losparse.tasks.squad import QuestionAnsweringTrainer
+
+    assert compose_trainer(Trainer, prune=True) is LoSparseTrainer
+    assert compose_trainer(Seq2SeqTrainer, prune=True) is losparse.LoSparseSeq2SeqTrainer
+    assert compose_trainer(Trainer) is Trainer                       # nothing to add: the base itself
+    assert LoSparseTrainer.__name__ == "LoSparseTrainer" and LoSparseTrainer.__module__ == "losparse.trainer"
+    assert LoSparseTrainer.__mro__[1:3] == (LoSparseTrainerMixin, Trainer)
+    both = compose_trainer(Seq2SeqTrainer, prune=True, distill=True)
+    assert both is compose_trainer(Seq2SeqTrainer, distill=True, prune=True)
+    assert both.__name__ == "LoSparseDistillationSeq2SeqTrainer"
+    assert both.__mro__[1:4] == (LoSparseTrainerMixin, DistillationTrainerMixin, Seq2SeqTrainer)
+    qa = compose_trainer(QuestionAnsweringTrainer, distill=True)
+    assert qa.__name__ == "DistillationQuestionAnsweringTrainer"
+    assert qa.__mro__[1:3] == (DistillationTrainerMixin, QuestionAnsweringTrainer)
+    with pytest.raises(LoSparseUsageError, match="already holds a LoSparse mixin"):
+        compose_trainer(LoSparseTrainer, distill=True)
+    with pytest.raises(LoSparseUsageError, match="Trainer subclass"):
+        compose_trainer(object, prune=True)
+
+
+def test_trainers_take_model_and_args_by_keyword_only(tmp_path):
+    from transformers import Trainer
+
+    model = _model()
+    losparse.apply(model, LoSparseConfig(**CONFIG))
+    for cls in (LoSparseTrainer, compose_trainer(Trainer, distill=True),
+                compose_trainer(Trainer, prune=True, distill=True)):
+        with pytest.raises(LoSparseUsageError, match="by keyword only: pass model=..., args=..."):
+            cls(model, _args(tmp_path))
+
+
+def test_apply_is_called_once_by_the_caller(tmp_path, monkeypatch):
+    from transformers import Trainer
+
+    from losparse.cli import make_trainer
+
+    calls, original = [], losparse.decompose.apply
+
+    def counting_apply(model, config):
+        calls.append(model)
+        return original(model, config)
+
+    monkeypatch.setattr(losparse.decompose, "apply", counting_apply)
+    monkeypatch.setattr(losparse.trainer, "apply", counting_apply)
+    config = LoSparseConfig(**CONFIG)
+
+    # The run scripts: make_trainer is the caller; the trainer it builds does not apply again.
+    model = _model()
+    trainer = make_trainer(Trainer, config, model=model, args=_args(tmp_path), train_dataset=ToyDataset(),
+                           allow_resume_config_change=True)
+    assert calls == [model] and type(trainer) is LoSparseTrainer
+    assert trainer.losparse_callback.allow_config_change is True
+    # BERT's loss is a per-batch mean: declared before the Trainer read it in __init__.
+    assert model.accepts_loss_kwargs is False and trainer.model_accepts_loss_kwargs is False
+
+    # A library user applies, then builds: no second call.
+    calls.clear()
+    model = _model()
+    losparse.decompose.apply(model, config)
+    LoSparseTrainer(model=model, args=_args(tmp_path), train_dataset=ToyDataset())
+    assert calls == [model]
+    # ... or lets the constructor be the one caller, which refuses a model that was already decomposed.
+    calls.clear()
+    fresh = _model()
+    LoSparseTrainer(model=fresh, args=_args(tmp_path), train_dataset=ToyDataset(), losparse_config=config)
+    assert calls == [fresh]
+    with pytest.raises(LoSparseUsageError, match="already decomposed"):
+        LoSparseTrainer(model=model, args=_args(tmp_path), train_dataset=ToyDataset(), losparse_config=config)
+    assert calls == [fresh]

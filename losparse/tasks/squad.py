@@ -7,8 +7,9 @@ fully inside it). At evaluation the model scores start/end tokens in every windo
 `postprocess_predictions` picks the best valid span over all windows of a question and maps it back
 to the context's characters, which `losparse.metrics.squad_metrics` compares with the references.
 
-`QuestionAnsweringTrainerMixin` turns that into a `Trainer.evaluate` returning `eval_exact_match`
-and `eval_f1`; it composes with `LoSparseTrainerMixin` like any other Trainer subclass.
+`QuestionAnsweringTrainer` turns that into a `Trainer.evaluate` returning `eval_exact_match` and
+`eval_f1`; `losparse.compose_trainer(QuestionAnsweringTrainer, prune=..., distill=...)` adds pruning and
+distillation to it like to any other Trainer subclass.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from ..errors import LoSparseUsageError
 from ..preflight import check_max_length
 from .common import check_local_files, describe, is_blank, load_json
 from ..metrics import squad_metrics
-from ..trainer import LoSparseTrainerMixin
 
 logger = logging.getLogger("losparse")
 SQUAD_TASKS = ("squad",)
@@ -490,7 +490,3 @@ class QuestionAnsweringTrainerMixin:
 
 class QuestionAnsweringTrainer(QuestionAnsweringTrainerMixin, Trainer):
     """`transformers.Trainer` whose `evaluate()` reports SQuAD exact match and F1."""
-
-
-class LoSparseQuestionAnsweringTrainer(LoSparseTrainerMixin, QuestionAnsweringTrainerMixin, Trainer):
-    """`QuestionAnsweringTrainer` + LoSparse pruning (see `LoSparseTrainerMixin`)."""

@@ -1,7 +1,7 @@
 """The paper's published numbers, as data: Tables 1–5 of LoSparse (Li et al., ICML 2023), §4.
 
 Transcribed by hand from the paper's text (Tables 1–5 in §4.1, §4.2, §4.3 and §4.5) exactly as
-printed: percentages, same digits, no rounding or rescaling. `losparse.report` puts our runs beside
+printed: percentages, same digits, no rounding or rescaling. `losparse.tools.report` puts our runs beside
 these numbers.
 
 Layout of every table (a plain dict):

@@ -320,7 +320,7 @@ def linear_cost(module: nn.Module, tokens: int, element_size: int) -> tuple[floa
     input x once, write the output y once, read every weight once (the intermediate z of a compact
     layer is not counted — the floor assumes it stays on chip).
     """
-    from .layers import CompactLoSparseLinear, LoSparseLinear
+    from ..layers import CompactLoSparseLinear, LoSparseLinear
 
     in_f, out_f = module.in_features, module.out_features
     io_bytes = tokens * (in_f + out_f) * element_size
@@ -351,7 +351,7 @@ class LinearCostCounter:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        from .layers import CompactLoSparseLinear, LoSparseLinear
+        from ..layers import CompactLoSparseLinear, LoSparseLinear
 
         self.modules = [m for m in model.modules() if isinstance(m, (nn.Linear, CompactLoSparseLinear, LoSparseLinear))]
         self.flops = 0.0
@@ -508,8 +508,11 @@ def model_kind(config: Any) -> str:
     """'seq2seq', 'causal' or 'classification' for a transformers config (by its architectures/type)."""
     if getattr(config, "is_encoder_decoder", False):
         return "seq2seq"
+    from ..families import get_family
+
     names = " ".join(getattr(config, "architectures", None) or [])
-    if "CausalLM" in names or "LMHeadModel" in names or config.model_type in ("llama", "mistral", "gpt2", "opt"):
+    family = get_family(config.model_type)
+    if "CausalLM" in names or "LMHeadModel" in names or (family is not None and family.kind == "decoder"):
         return "causal"
     return "classification"
 
@@ -536,7 +539,7 @@ def load_model(path: str, device: Any = None) -> tuple[nn.Module, str, bool]:
     """
     import transformers
 
-    from .export import LOSPARSE_CONFIG_FILE, load
+    from ..export import LOSPARSE_CONFIG_FILE, load
 
     if os.path.isfile(os.path.join(path, LOSPARSE_CONFIG_FILE)):
         model = load(path, device=device).float()
@@ -576,13 +579,11 @@ def prune_with_random_scores(model: nn.Module, seed: int = 0) -> float:
     runs on random scores (fixed seed), which gives the exact ratio with a realistic scattered pattern
     of kept rows. Returns the kept fraction of S.
     """
-    from .pruner import LoSparsePruner
+    from ..pruner import LoSparsePruner
 
     pruner = LoSparsePruner(model, total_steps=10)
-    scores = pruner.importance.neuron_ema
     generator = torch.Generator().manual_seed(seed)
-    scores.copy_(torch.rand(scores.shape, generator=generator).to(scores.device))
-    pruner.update_masks(pruner.final_kept_fraction)
+    pruner.update_masks(pruner.final_kept_fraction, scores=torch.rand(pruner.neuron_sizes.shape, generator=generator))
     return pruner.achieved_kept_fraction()
 
 
@@ -594,9 +595,9 @@ def compress_for_benchmark(model: nn.Module, remaining_ratio: float, low_rank_ra
     matter (the dense reference is merged from the same factors), and an exact SVD of every matrix
     takes minutes on a CPU for 4096×11008 matrices.
     """
-    from .config import LoSparseConfig
-    from .decompose import apply
-    from .export import compact
+    from ..config import LoSparseConfig
+    from ..decompose import apply
+    from ..export import compact
 
     config = LoSparseConfig(remaining_ratio=remaining_ratio, low_rank_ratio=low_rank_ratio, svd_solver=svd_solver,
                             **config_values)
