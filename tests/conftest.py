@@ -89,3 +89,45 @@ def sentiment_files(tmp_path_factory) -> tuple[str, str]:
     directory = tmp_path_factory.mktemp("sentiment")
     return (write_sentiment_csv(str(directory / "train.csv"), 96, seed=1),
             write_sentiment_csv(str(directory / "validation.csv"), 32, seed=2))
+
+
+class ToyDataset(torch.utils.data.Dataset):
+    """64 random token sequences; label 1 iff the first token id is above 17 (learnable, no tokenizer)."""
+
+    def __init__(self, n=64, length=8, seed=0):
+        generator = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(5, 30, (n, length), generator=generator)
+        self.labels = (self.ids[:, 0] > 17).long()
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.labels[i]}
+
+
+def tiny_bert_classifier(seed: int = 0):
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(tiny_bert_config())
+
+
+def trainer_args(output_dir, **overrides):
+    """CPU TrainingArguments for the tiny trainer tests (batch 8, 2 epochs, no saving unless asked)."""
+    from transformers import TrainingArguments
+
+    values = dict(output_dir=str(output_dir), per_device_train_batch_size=8, num_train_epochs=2, learning_rate=1e-3,
+                  weight_decay=0.1, report_to="none", save_strategy="no", logging_steps=1000, seed=0,
+                  disable_tqdm=True, use_cpu=True, dataloader_num_workers=0)
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+def assert_same_training_state(actual: dict, expected: dict) -> None:
+    """Masks bit-identical, every other tensor equal up to float noise (two runs of one trajectory)."""
+    for name, tensor in expected.items():
+        if name.endswith("sparse_mask"):
+            assert torch.equal(actual[name], tensor), name
+        else:
+            torch.testing.assert_close(actual[name], tensor, atol=1e-6, rtol=1e-5, msg=name)

@@ -19,8 +19,7 @@ from transformers import BertForSequenceClassification, TrainingArguments
 
 # Run as a script (plainly or by torchrun), so its own directory, tests/, is first on sys.path; losparse
 # is the installed package (or PYTHONPATH, which tests/test_distributed.py sets to the repository root).
-from conftest import tiny_bert_config
-from test_trainer import ToyDataset
+from conftest import ToyDataset, tiny_bert_config
 
 from losparse import LoSparseConfig, LoSparsePruner, LoSparseTrainer
 from losparse.decompose import losparse_layers

@@ -7,7 +7,8 @@ import shutil
 import pytest
 import torch
 import transformers.trainer
-from test_trainer import CONFIG, ToyDataset, _args, _final_state, _model
+from conftest import ToyDataset, assert_same_training_state
+from test_trainer import CONFIG, _args, _final_state, _model
 
 import losparse
 from losparse import LoSparseConfig, LoSparseTrainer, LoSparseUsageError
@@ -77,12 +78,7 @@ def test_a_crash_anywhere_in_a_save_leaves_a_resumable_run_on_the_same_trajector
     resumed = LoSparseTrainer(model=_model(seed=7), args=_args(tmp_path, **SAVE), train_dataset=ToyDataset(),
                               losparse_config=config)
     resumed.train(resume_from_checkpoint=True)
-    actual = _final_state(resumed)
-    for key, tensor in straight_state.items():
-        if key.endswith("sparse_mask"):
-            assert torch.equal(actual[key], tensor), key
-        else:
-            torch.testing.assert_close(actual[key], tensor, atol=1e-6, rtol=1e-5, msg=key)
+    assert_same_training_state(_final_state(resumed), straight_state)
 
 
 def test_the_pruner_state_is_written_before_the_trainer_state(tmp_path, monkeypatch):

@@ -12,8 +12,8 @@ import shutil
 
 import pytest
 import torch
+from conftest import ToyDataset, tiny_bert_classifier, trainer_args
 from torch import nn
-from transformers import TrainingArguments
 
 from losparse import LoSparseConfig, LoSparsePruner, LoSparseTrainer
 from losparse.importance import NeuronImportance
@@ -259,33 +259,12 @@ def test_a_checkpoint_of_the_other_variant_is_refused(tmp_path):
 # Through the Trainer: checkpoint + resume_from_checkpoint gives the same final masks, for both variants.
 # ---------------------------------------------------------------------------------------------------------
 
-class ToyDataset(torch.utils.data.Dataset):
-    def __init__(self, n=64, length=8, seed=0):
-        generator = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(5, 30, (n, length), generator=generator)
-        self.labels = (self.ids[:, 0] > 17).long()
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.labels[i]}
-
-
 def _bert(seed=0):
-    from conftest import tiny_bert_config
-    from transformers import BertForSequenceClassification
-
-    torch.manual_seed(seed)
-    return BertForSequenceClassification(tiny_bert_config())
+    return tiny_bert_classifier(seed)
 
 
 def _args(output_dir, **overrides):
-    values = dict(output_dir=str(output_dir), per_device_train_batch_size=8, num_train_epochs=1, learning_rate=1e-3,
-                  weight_decay=0.1, report_to="none", save_strategy="no", logging_steps=1000, seed=0,
-                  disable_tqdm=True, use_cpu=True, dataloader_num_workers=0)
-    values.update(overrides)
-    return TrainingArguments(**values)
+    return trainer_args(output_dir, **{"num_train_epochs": 1, **overrides})
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

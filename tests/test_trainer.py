@@ -4,40 +4,18 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import TrainingArguments
+from conftest import ToyDataset, assert_same_training_state, tiny_bert_classifier, trainer_args
 
 import losparse
 from losparse import LoSparseConfig, LoSparseTrainer, LoSparseTrainerMixin, LoSparseUsageError, compose_trainer
 from losparse.trainer import check_training_backend
 
 
-class ToyDataset(torch.utils.data.Dataset):
-    def __init__(self, n=64, length=8, seed=0):
-        generator = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(5, 30, (n, length), generator=generator)
-        self.labels = (self.ids[:, 0] > 17).long()
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.labels[i]}
-
-
 def _model(seed=0):
-    from conftest import tiny_bert_config
-    from transformers import BertForSequenceClassification
-
-    torch.manual_seed(seed)
-    return BertForSequenceClassification(tiny_bert_config())
+    return tiny_bert_classifier(seed)
 
 
-def _args(output_dir, **overrides):
-    values = dict(output_dir=str(output_dir), per_device_train_batch_size=8, num_train_epochs=2, learning_rate=1e-3,
-                  weight_decay=0.1, report_to="none", save_strategy="no", logging_steps=1000, seed=0,
-                  disable_tqdm=True, use_cpu=True, dataloader_num_workers=0)
-    values.update(overrides)
-    return TrainingArguments(**values)
+_args = trainer_args
 
 
 CONFIG = dict(remaining_ratio=0.3, low_rank_ratio=0.1, pruning_warmup_steps=2, pruning_final_steps=3,
@@ -109,12 +87,7 @@ def test_resume_continues_the_same_pruning_trajectory(tmp_path):
     resumed.train(resume_from_checkpoint=str(resumed_dir / "checkpoint-4"))
     assert resumed.pruner.importance.num_updates == straight.pruner.importance.num_updates
     torch.testing.assert_close(resumed.pruner.importance.scores(), straight.pruner.importance.scores())
-    actual = _final_state(resumed)
-    for name, tensor in expected.items():
-        if name.endswith("sparse_mask"):
-            assert torch.equal(actual[name], tensor), name
-        else:
-            torch.testing.assert_close(actual[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
+    assert_same_training_state(_final_state(resumed), expected)
     assert sorted(os.listdir(resumed_dir / "checkpoint-4")) == before, "the resumed checkpoint was modified"
 
 

@@ -504,6 +504,22 @@ _MODEL_CLASSES = {
 }
 
 
+def fill_device_defaults(parser: Any, args: Any) -> bool:
+    """The defaults both benchmark CLIs share: bert-base, the GPU if there is one, bf16 there and fp32 on the
+    CPU, default torch threads on the GPU and 'auto' on the CPU. Returns whether the run is on CUDA."""
+    if args.arch is None and args.model_name_or_path is None:
+        args.arch = "bert-base"
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    cuda = args.device == "cuda"
+    args.dtype = args.dtype or ("bf16" if cuda else "fp32")
+    if args.threads is None:
+        args.threads = "default" if cuda else "auto"
+    return cuda
+
+
 def model_kind(config: Any) -> str:
     """'seq2seq', 'causal' or 'classification' for a transformers config (by its architectures/type)."""
     if getattr(config, "is_encoder_decoder", False):

@@ -49,6 +49,7 @@ from .benchmark import (
     cpu_name,
     environment_at_start,
     environment_record,
+    fill_device_defaults,
     floor_ms,
     interleaved_latency_ms,
     judge_timing,
@@ -133,16 +134,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """The flags, with the device-dependent defaults filled in; a bad combination exits 2 (argparse)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.arch is None and args.model_name_or_path is None:
-        args.arch = "bert-base"
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
-    cuda = args.device == "cuda"
-    args.dtype = args.dtype or ("bf16" if cuda else "fp32")
-    if args.threads is None:
-        args.threads = "default" if cuda else "auto"
+    cuda = fill_device_defaults(parser, args)
     if threads_flag_error(args.threads):
         parser.error(threads_flag_error(args.threads))
     args.modes = _modes(parser, args.mode or ("both" if cuda else "eager"), cuda)

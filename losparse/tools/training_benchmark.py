@@ -39,6 +39,7 @@ from .benchmark import (
     cpu_name,
     environment_at_start,
     environment_record,
+    fill_device_defaults,
     judge_timing,
     latency_stats,
     load_average,
@@ -147,15 +148,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
-    if args.arch is None and args.model_name_or_path is None:
-        args.arch = "bert-base"
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
-    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
-    if args.threads is None:
-        args.threads = "default" if args.device == "cuda" else "auto"
+    fill_device_defaults(parser, args)
     if threads_flag_error(args.threads):
         parser.error(threads_flag_error(args.threads))
     for name in ("batch_size", "seq_len", "tgt_len", "steps", "rounds", "pruning_interval"):
