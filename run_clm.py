@@ -49,7 +49,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                            len(blocks["train"]), training_args, unit=f"training blocks of {block_size} tokens")
 
     model, teacher = load_models(AutoModelForCausalLM, model_args, distill_args)
-    clm.declare_causal_loss(model)
     # No metric needs the logits (vocabulary x block x blocks): evaluations keep the loss only.
     training_args.prediction_loss_only = True
     trainer = make_trainer(

@@ -124,6 +124,23 @@ def declare_loss_kwargs(model: Any) -> None:
     """
     if "accepts_loss_kwargs" not in vars(type(model)) and "accepts_loss_kwargs" not in vars(model):
         model.accepts_loss_kwargs = loss_uses_num_items(model)
+    declare_causal_loss_type(model)
+
+
+def declare_causal_loss_type(model: Any) -> None:
+    """Name the causal-LM loss on models whose class name does not (GPT2LMHeadModel: `loss_type` None).
+
+    The Trainer counts `num_items_in_batch` over `labels[..., 1:]` only when `model.loss_type` maps to
+    `ForCausalLMLoss`; with `loss_type` None it counts every label, so a GPT-2 block of B tokens is divided
+    by B instead of its B - 1 predicted tokens and the training and eval losses come out (B - 1)/B too
+    small. The loss function itself is `ForCausalLMLoss` either way; only its name is missing.
+    """
+    if getattr(model, "loss_type", "") is not None:
+        return
+    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+
+    if LOSS_MAPPING.get("ForCausalLM") is ForCausalLMLoss and getattr(model, "loss_function", None) is ForCausalLMLoss:
+        model.loss_type = "ForCausalLM"
 
 
 def refuse_positional(trainer_class: type, positional: tuple) -> None:

@@ -5,7 +5,6 @@ import os
 import shutil
 
 import pytest
-import torch
 import transformers.trainer
 from conftest import ToyDataset, assert_same_training_state
 from test_trainer import CONFIG, _args, _final_state, _model

@@ -12,6 +12,7 @@ import torch
 from conftest import load_script
 
 import losparse
+from losparse.trainer import declare_loss_kwargs
 from losparse.cli import parse_arguments, run_main
 from losparse.errors import LoSparseUsageError
 from losparse.tasks import clm
@@ -311,6 +312,6 @@ def test_gpt2_gets_the_causal_loss_type_so_the_trainer_counts_shifted_labels(tin
     gpt2 = run_clm.AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
     llama = run_clm.AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     assert gpt2.loss_type is None
-    clm.declare_causal_loss(gpt2)
-    clm.declare_causal_loss(llama)
+    declare_loss_kwargs(gpt2)
+    declare_loss_kwargs(llama)
     assert gpt2.loss_type == "ForCausalLM" and llama.loss_type == "ForCausalLM"

@@ -70,7 +70,6 @@ def test_distillation_tables_parse_with_a_teacher(path):
 import dataclasses  # noqa: E402
 import math  # noqa: E402
 
-from transformers import Seq2SeqTrainingArguments  # noqa: E402
 
 from losparse.schedule import CubicSchedule, resolve_steps  # noqa: E402
 from losparse.yaml_config import resolve_yaml_config  # noqa: E402

@@ -252,22 +252,6 @@ def make_blocks(raw: "DatasetDict", tokenizer: Any, block_size: int, data_args: 
     return blocks
 
 
-def declare_causal_loss(model: Any) -> None:
-    """Name the causal-LM loss on models whose class name does not (GPT2LMHeadModel: `loss_type` None).
-
-    The Trainer counts `num_items_in_batch` over `labels[..., 1:]` only when `model.loss_type` maps to
-    `ForCausalLMLoss`; with `loss_type` None it counts every label, so a GPT-2 block of B tokens is divided
-    by B instead of its B - 1 predicted tokens and eval_loss (and the training loss) come out (B - 1) / B
-    too small. The loss function itself is the same `ForCausalLMLoss` either way.
-    """
-    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
-
-    if getattr(model, "loss_type", "") is None and LOSS_MAPPING.get("ForCausalLM") is ForCausalLMLoss:
-        loss_function = getattr(model, "loss_function", None)
-        if loss_function is ForCausalLMLoss:
-            model.loss_type = "ForCausalLM"
-
-
 # ---------------------------------------------------------------------------------------------
 # Metrics and generations
 # ---------------------------------------------------------------------------------------------
