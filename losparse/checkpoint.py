@@ -11,6 +11,8 @@ the newest one and says which it skipped.
 Resuming with other compression settings (another ratio, schedule, method, total steps) would splice
 two schedules into one run; `check_same_compression` compares the run's config with the one the
 checkpoint recorded and names every difference.
+
+Torch-free (standard library only), so the reproduction driver's dry run uses the same rule.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ import re
 from typing import Any, Optional
 
 from .errors import LoSparseUsageError
-from .pruner import PRUNER_META_FILE, PRUNER_STATE_FILE
 
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE_FILE = "trainer_state.json"
+PRUNER_STATE_FILE = "losparse_pruner.safetensors"
+PRUNER_META_FILE = "losparse_pruner.json"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 OPTIMIZER_FILES = ("optimizer.pt", "scheduler.pt")
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")

@@ -35,6 +35,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .checkpoint import PRUNER_META_FILE, PRUNER_STATE_FILE
 from .config import LoSparseConfig
 from .decompose import get_config
 from .errors import LoSparseUsageError
@@ -43,8 +44,6 @@ from .layers import LoSparseLinear
 from .methods import final_kept_fraction
 from .schedule import CubicSchedule, resolve_steps
 
-PRUNER_STATE_FILE = "losparse_pruner.safetensors"
-PRUNER_META_FILE = "losparse_pruner.json"
 
 
 def target_budget(layers: list[LoSparseLinear], config: LoSparseConfig) -> dict[str, float]:

@@ -16,7 +16,7 @@ the fine-tuned dense cell is `finetune-r1.0`, Lead-3 is `lead3`, a distillation 
 `<method>-kd-r<ratio>`). What a (re)run does with a cell depends on its output directory:
 
   * `all_results.json` there: the cell is done and skipped;
-  * a complete `checkpoint-N` there (see `checkpoint_is_complete`) but no results: the run was
+  * a complete `checkpoint-N` there (see `losparse.checkpoint.missing_files`) but no results: the run was
     interrupted; it is resumed from its newest complete checkpoint (`--resume_from_checkpoint true`,
     no `--overwrite_output_dir`);
   * anything else (no directory, an empty one, or one without results or complete checkpoints): the
@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Callable, Optional, Sequence
 
+from ..checkpoint import list_checkpoints, missing_files
 from ..errors import LoSparseUsageError
 from ..yaml_config import load_table, resolve_table, table_ratios, table_tasks, to_flags
 
@@ -61,15 +62,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 DEFAULT_SEED = 42
 RESULTS_FILE = "all_results.json"
 
-# What makes a checkpoint resumable. The rule is losparse/checkpoint.py's `missing_files` (which the
-# trainer applies to `--resume_from_checkpoint true`), restated here because losparse.checkpoint imports
-# the pruner, hence torch, and --dry_run must stay instant; tests/test_reproduce.py checks that the two agree.
-CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
-TRAINER_STATE_FILE = "trainer_state.json"
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
-OPTIMIZER_FILES = ("optimizer.pt", "scheduler.pt")
-PRUNER_FILES = ("losparse_pruner.safetensors", "losparse_pruner.json")
 #: methods whose runs decompose the model and train with the LoSparse pruner, so whose checkpoints
 #: must hold its state (losparse/methods.py: `decomposes`); finetune (and distillation stages) do not.
 PRUNER_METHODS = ("losparse", "itp", "movement", "lowrank", "lowrank_prune_all")
@@ -526,38 +518,6 @@ def is_done(opts: Options, cell_id: str) -> bool:
 # Resuming an interrupted cell
 # --------------------------------------------------------------------------------------------------
 
-def checkpoint_missing(checkpoint: str, needs_pruner: bool, needs_optimizer: bool = True) -> list[str]:
-    """The files a resume of `checkpoint` reads that are not there (empty: it is complete).
-
-    The Trainer writes trainer_state.json last, so a save that was interrupted leaves it out.
-    """
-    missing = []
-    if not os.path.isfile(os.path.join(checkpoint, TRAINER_STATE_FILE)):
-        missing.append(TRAINER_STATE_FILE)
-    if not any(os.path.isfile(os.path.join(checkpoint, name)) for name in WEIGHT_FILES):
-        missing.append("model weights")
-    if needs_optimizer:
-        missing += [name for name in OPTIMIZER_FILES if not os.path.isfile(os.path.join(checkpoint, name))]
-    if needs_pruner:
-        missing += [name for name in PRUNER_FILES if not os.path.isfile(os.path.join(checkpoint, name))]
-    return missing
-
-
-def checkpoint_is_complete(checkpoint: str, needs_pruner: bool, needs_optimizer: bool = True) -> bool:
-    return not checkpoint_missing(checkpoint, needs_pruner, needs_optimizer)
-
-
-def checkpoints(directory: str) -> list[str]:
-    """The `checkpoint-N` subdirectories of `directory`, newest (highest N) first."""
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return []
-    found = [(int(m.group(1)), name) for name in names if (m := CHECKPOINT_NAME.match(name))
-             and os.path.isdir(os.path.join(directory, name))]
-    return [os.path.join(directory, name) for _, name in sorted(found, reverse=True)]
-
-
 def _flag_is_true(argv: Sequence[str], name: str) -> bool:
     """Whether the last `--name` in argv is set to true (`--name` alone, or followed by true/1/yes)."""
     value = None
@@ -590,12 +550,12 @@ def cell_state(opts: Options, c: Cell) -> CellState:
     directory = out_dir(opts, c.id)
     if os.path.isfile(os.path.join(directory, RESULTS_FILE)):
         return CellState("done", f"{RESULTS_FILE} is there")
-    found = checkpoints(directory)
+    found = list_checkpoints(directory)
     needs_pruner = c.method in PRUNER_METHODS
     needs_optimizer = not _flag_is_true(list(c.args) + list(opts.extra), "--save_only_model")
     incomplete = []
     for checkpoint in found:
-        missing = checkpoint_missing(checkpoint, needs_pruner, needs_optimizer)
+        missing = missing_files(checkpoint, needs_pruner, needs_optimizer)
         if not missing:
             skipped = f" (skipping incomplete {', '.join(incomplete)})" if incomplete else ""
             return CellState("resume", f"no {RESULTS_FILE}; newest complete checkpoint {os.path.basename(checkpoint)}"
