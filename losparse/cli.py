@@ -204,16 +204,11 @@ def check_targets_before_loading(model_name_or_path: str, auto_class: Any, lospa
                                  cache_dir: Optional[str] = None, **config_kwargs: Any) -> None:
     """Build the model skeleton on the meta device (no weights) and check the targets match something."""
     import torch
-    from transformers import AutoConfig
 
     from .decompose import require_targets
+    from .preflight import load_model_config
 
-    try:
-        model_config = AutoConfig.from_pretrained(model_name_or_path, cache_dir=cache_dir, **config_kwargs)
-    except (OSError, ValueError) as exc:
-        raise LoSparseUsageError(
-            f"--model_name_or_path {model_name_or_path!r} could not be loaded: {str(exc).splitlines()[0]}"
-        ) from None
+    model_config = load_model_config(model_name_or_path, cache_dir=cache_dir, **config_kwargs)
     with torch.device("meta"):
         skeleton = auto_class.from_config(model_config)
     require_targets(skeleton, losparse_config)
@@ -247,6 +242,7 @@ def start_run(model_args: Any, losparse_config: Any, run_args: Any, training_arg
 
     check_launch(training_args, script=os.path.basename(sys.argv[0]) or "run_glue.py")
     check_output_dir(training_args.output_dir, run_args.overwrite_output_dir, training_args.resume_from_checkpoint)
+    setup_logging(training_args)  # before the resume check, which logs the incomplete checkpoints it skips
     resolve_resume(model_args, losparse_config, run_args, training_args)
     if losparse_config.method_spec.decomposes:
         import torch
@@ -256,7 +252,6 @@ def start_run(model_args: Any, losparse_config: Any, run_args: Any, training_arg
         resolve_svd_device(losparse_config.svd_device, torch.device("cpu"))
         check_targets_before_loading(model_args.model_name_or_path, auto_class, losparse_config,
                                      cache_dir=model_args.cache_dir)
-    setup_logging(training_args)
     if run_args.overwrite_output_dir and not training_args.resume_from_checkpoint and training_args.should_save:
         removed = remove_stale_artifacts(training_args.output_dir)
         if removed:

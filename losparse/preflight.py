@@ -35,12 +35,12 @@ RELATIVE_POSITION_MODEL_TYPES = frozenset({"t5", "mt5", "umt5", "longt5"})
 POSITION_ATTRIBUTES = ("max_position_embeddings", "n_positions")
 
 
-def load_model_config(model_name_or_path: str, cache_dir: Optional[str] = None) -> Any:
+def load_model_config(model_name_or_path: str, cache_dir: Optional[str] = None, **config_kwargs: Any) -> Any:
     """`AutoConfig` of the model (no weights); an unloadable one is a one-line usage error."""
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(model_name_or_path, cache_dir=cache_dir)
+        return AutoConfig.from_pretrained(model_name_or_path, cache_dir=cache_dir, **config_kwargs)
     except (OSError, ValueError) as exc:
         raise LoSparseUsageError(
             f"--model_name_or_path {model_name_or_path!r} could not be loaded: {str(exc).splitlines()[0]}"

@@ -3,7 +3,6 @@ effective rank, mixed-rank schedule and nested truncation. Pure torch, small mat
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -24,6 +23,7 @@ from losparse.lpaf import (
     unstructured_keep_mask,
     weighted_reconstruction_error,
 )
+from losparse.tools.lpaf_experiment import fine_tune_and_prune, pruned_test_matrix
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -87,17 +87,9 @@ def test_keep_mask_breaks_ties_deterministically():
 
 # ----------------------------------------------------------------------------------- sparsity-aware SVD
 
-def _pruned_test_matrix(seed: int = 0, out_features: int = 40, in_features: int = 30, keep: float = 0.4):
-    g = _generator(seed)
-    low = torch.randn(out_features, 3, generator=g) @ torch.randn(3, in_features, generator=g)
-    weight = low + 0.3 * torch.randn(out_features, in_features, generator=g)
-    mask = unstructured_keep_mask(weight.abs(), keep)
-    return weight * mask, mask
-
-
 @pytest.mark.parametrize("method", ["em", "als"])
 def test_sparsity_aware_svd_beats_plain_svd_on_the_kept_entries(method):
-    pruned, mask = _pruned_test_matrix()
+    pruned, mask = pruned_test_matrix()
     weights = mask.float()
     rank = 4
     plain_u, plain_v = svd_factors(pruned, rank)
@@ -113,7 +105,7 @@ def test_sparsity_aware_svd_beats_plain_svd_on_the_kept_entries(method):
 
 
 def test_em_iteration_never_increases_the_objective():
-    pruned, mask = _pruned_test_matrix(seed=2)
+    pruned, mask = pruned_test_matrix(seed=2)
     importance = torch.rand(pruned.shape, generator=_generator(3))
     weights = factorization_weights(mask, importance)
     _, _, history = sparsity_aware_factorize(pruned, weights, 5, iterations=25, method="em", return_history=True)
@@ -122,7 +114,7 @@ def test_em_iteration_never_increases_the_objective():
 
 
 def test_sparsity_aware_factors_are_ordered_and_balanced():
-    pruned, mask = _pruned_test_matrix(seed=4)
+    pruned, mask = pruned_test_matrix(seed=4)
     u, v = sparsity_aware_factorize(pruned, mask, 6, iterations=10, method="als")
     column_norms, row_norms = u.norm(dim=0), v.norm(dim=1)
     torch.testing.assert_close(column_norms, row_norms, rtol=1e-4, atol=1e-5)  # √σ on both sides
@@ -141,14 +133,14 @@ def test_factorization_weights():
 
 
 def test_full_weights_reduce_to_the_plain_svd():
-    pruned, _ = _pruned_test_matrix(seed=5)
+    pruned, _ = pruned_test_matrix(seed=5)
     u, v = sparsity_aware_factorize(pruned, torch.ones_like(pruned), 3, iterations=5)
     plain_u, plain_v = svd_factors(pruned, 3)
     torch.testing.assert_close(u @ v, plain_u @ plain_v, rtol=1e-4, atol=1e-4)
 
 
 def test_sparsity_aware_svd_rejects_bad_input():
-    pruned, mask = _pruned_test_matrix()
+    pruned, mask = pruned_test_matrix()
     with pytest.raises(ValueError):
         sparsity_aware_factorize(pruned, mask, 0)
     with pytest.raises(ValueError):
@@ -181,33 +173,10 @@ def test_entropy_effective_rank():
     assert 1.0 < entropy_effective_rank(torch.diag(torch.tensor([2.0, 1.0]))) < 2.0
 
 
-def _fine_tune_and_prune(seed: int, dim: int = 48, samples: int = 512, steps: int = 300, sparsity: float = 0.7):
-    """The paper's observation at unit size: a full-rank 'pretrained' W0 fine-tuned by SGD towards W0 + L
-    (L rank 4) on a linear regression, then pruned to equal sparsity by accumulated −w·g vs |w|."""
-    g = _generator(seed)
-    pretrained = torch.randn(dim, dim, generator=g) / math.sqrt(dim)
-    update = torch.randn(dim, 4, generator=g) @ torch.randn(4, dim, generator=g) / math.sqrt(dim)
-    inputs = torch.randn(samples, dim, generator=g)
-    targets = inputs @ (pretrained + update).T
-    weight = pretrained.clone().requires_grad_(True)
-    optimizer = torch.optim.SGD([weight], lr=0.05)
-    movement = torch.zeros(dim, dim)
-    for _ in range(steps):
-        loss = (inputs @ weight.T - targets).square().mean()
-        optimizer.zero_grad()
-        loss.backward()
-        first_order_scores(weight.detach(), weight.grad, movement)
-        optimizer.step()
-    trained = weight.detach()
-    first_order = trained * unstructured_keep_mask(movement, 1 - sparsity)
-    magnitude = trained * unstructured_keep_mask(magnitude_scores(trained), 1 - sparsity)
-    assert int((first_order != 0).sum()) == int((magnitude != 0).sum())
-    return first_order, magnitude
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_first_order_pruning_leaves_a_lower_effective_rank_than_magnitude_pruning(seed):
-    first_order, magnitude = _fine_tune_and_prune(seed)
+    first_order, magnitude, _ = fine_tune_and_prune(seed)
+    assert int((first_order != 0).sum()) == int((magnitude != 0).sum())
     assert effective_rank(first_order, 0.9) < effective_rank(magnitude, 0.9)
     assert entropy_effective_rank(first_order) < 0.95 * entropy_effective_rank(magnitude)
 
@@ -260,7 +229,7 @@ def test_nested_truncation_is_the_rank_k_svd_product():
 
 
 def test_truncated_sparsity_aware_factors_are_the_best_rank_k_of_their_product():
-    pruned, mask = _pruned_test_matrix(seed=10)
+    pruned, mask = pruned_test_matrix(seed=10)
     u, v = sparsity_aware_factorize(pruned, mask, 6, iterations=10)
     full = (u @ v).double()
     best_u, best_v = svd_factors(full, 2)
@@ -270,7 +239,7 @@ def test_truncated_sparsity_aware_factors_are_the_best_rank_k_of_their_product()
 def test_a_small_weight_on_pruned_entries_keeps_the_product_bounded_there():
     """Mask-only weights leave the pruned entries free: when k·(out+in) nears the kept count, ALS can put large
     values there. A small `pruned_weight` trades a little kept-entry error for a bounded off-mask product."""
-    first_order, _ = _fine_tune_and_prune(0)
+    first_order, _, _ = fine_tune_and_prune(0)
     mask = first_order != 0
     off_mask = {}
     for pruned_weight in (0.0, 0.2):
