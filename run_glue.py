@@ -20,6 +20,7 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Dat
 from losparse import LoSparseConfig
 from losparse.cli import RunArguments, finish_run, load_models, make_trainer, parse_arguments, run_main, start_run
 from losparse.distill import DistillationArguments
+from losparse.oneshot import OneShotArguments, calibrated_init, check_oneshot_plan, read_calibration_ids
 from losparse.preflight import check_compression_plan, load_model_config
 from losparse.tasks import glue
 
@@ -27,9 +28,9 @@ logger = logging.getLogger("losparse")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    model_args, data_args, losparse_config, distill_args, run_args, training_args = parse_arguments(
-        (glue.GlueModelArguments, glue.GlueDataArguments, LoSparseConfig, DistillationArguments, RunArguments,
-         TrainingArguments),
+    model_args, data_args, losparse_config, oneshot_args, distill_args, run_args, training_args = parse_arguments(
+        (glue.GlueModelArguments, glue.GlueDataArguments, LoSparseConfig, OneShotArguments, DistillationArguments,
+         RunArguments, TrainingArguments),
         argv,
         description=__doc__.split("\n\n")[0],
     )
@@ -43,13 +44,27 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path,
                                               cache_dir=model_args.cache_dir)
     datasets = glue.preprocess(data, tokenizer, data_args)
+    calibration_ids = None
+    if oneshot_args.oneshot:
+        # --oneshot here is the calibrated start of fine-tuning (--init oneshot): activation-aware U·V and
+        # S = W - U·V from the training texts (or --calibration_file), then LoSparse prunes S on its schedule.
+        check_oneshot_plan(oneshot_args, losparse_config, model_args.model_name_or_path,
+                           AutoModelForSequenceClassification, model_config, fine_tune=True)
+        texts = [" ".join(str(row[key]) for key in data.text_keys if key) for row in data.raw["train"]]
+        calibration_ids = read_calibration_ids(tokenizer, oneshot_args.calibration_file or texts,
+                                               oneshot_args.num_calibration_samples, oneshot_args.calibration_seq_len,
+                                               seed=training_args.seed)
 
     model, teacher = load_models(AutoModelForSequenceClassification, model_args, distill_args, **data.model_kwargs(),
                                  ignore_mismatched_sizes=model_args.ignore_mismatched_sizes)
     glue.record_labels(model.config, data)
+    if oneshot_args.oneshot:
+        calibrated_init(model, losparse_config, tokenizer, oneshot_args, calibration_input_ids=calibration_ids,
+                        prune=False)
     trainer = make_trainer(
         Trainer, losparse_config, distill_args, teacher,
-        allow_resume_config_change=run_args.allow_resume_config_change, model=model, args=training_args,
+        allow_resume_config_change=run_args.allow_resume_config_change,
+        lean_optimizer=run_args.lean_optimizer, model=model, args=training_args,
         train_dataset=datasets["train"], eval_dataset=datasets["validation"], processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=glue.make_compute_metrics(data_args.metric_task, data.is_regression, data.num_labels),
@@ -64,7 +79,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     return finish_run(trainer, tokenizer, evaluate, losparse_config, train_result.metrics, distill_args=distill_args,
                       extra_results={"task_name": data_args.task_name,
-                                     "model_name_or_path": model_args.model_name_or_path})
+                                     "model_name_or_path": model_args.model_name_or_path,
+                                     "oneshot": oneshot_args.to_dict() if oneshot_args.oneshot else None})
 
 
 if __name__ == "__main__":

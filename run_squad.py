@@ -54,7 +54,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     trainer = make_trainer(
         squad.QuestionAnsweringTrainer, losparse_config, distill_args, teacher,
-        allow_resume_config_change=run_args.allow_resume_config_change, model=model, args=training_args,
+        allow_resume_config_change=run_args.allow_resume_config_change,
+        lean_optimizer=run_args.lean_optimizer, model=model, args=training_args,
         train_dataset=train_features, eval_dataset=eval_features, eval_examples=eval_examples,
         n_best_size=data_args.n_best_size, max_answer_length=data_args.max_answer_length,
         processing_class=tokenizer, data_collator=default_data_collator,

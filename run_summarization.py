@@ -123,7 +123,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     collator = DataCollatorForSeq2Seq(tokenizer, model=model)
     trainer = make_trainer(
         Seq2SeqTrainer, losparse_config, distill_args, teacher,
-        allow_resume_config_change=run_args.allow_resume_config_change, model=model, args=training_args,
+        allow_resume_config_change=run_args.allow_resume_config_change,
+        lean_optimizer=run_args.lean_optimizer, model=model, args=training_args,
         train_dataset=tokenized["train"], eval_dataset=tokenized["validation"], processing_class=tokenizer,
         data_collator=collator, compute_metrics=compute_metrics if training_args.predict_with_generate else None,
     )

@@ -42,6 +42,11 @@ _EXPORTS = {
     "format_report": "export",
     "find_target_modules": "decompose",
     "rank_for_ratio": "decompose",
+    "make_contiguous": "permute",
+    "optimize": "dispatch",
+    "format_optimize_report": "dispatch",
+    "export_onnx": "onnx_export",
+    "oneshot_compress": "oneshot",
 }
 
 __all__ = list(_EXPORTS)
@@ -66,6 +71,10 @@ if TYPE_CHECKING:  # what static analysers and IDEs see
     from .errors import LoSparseUsageError
     from .export import compact, format_report, load, merge, parameter_report, save
     from .layers import CompactLoSparseLinear, LoSparseLinear
+    from .dispatch import format_optimize_report, optimize
+    from .oneshot import oneshot_compress
+    from .onnx_export import export_onnx
+    from .permute import make_contiguous
     from .pruner import LoSparsePruner
     from .trainer import (LoSparseCallback, LoSparseSeq2SeqTrainer, LoSparseTrainer, LoSparseTrainerMixin,
                           compose_trainer)

@@ -51,6 +51,12 @@ class RunArguments:
         metadata={"help": "Resume a checkpoint even though its compression settings (ratio, method, schedule, total "
                           "steps) differ from this run's; by default that is refused."},
     )
+    lean_optimizer: bool = field(
+        default=False,
+        metadata={"help": "Keep the AdamW moments of the sparse parts S in bf16 (stochastic rounding; S itself and "
+                          "everything else stay as they are): LoSparse fine-tuning then needs less memory than dense "
+                          "fine-tuning. Changes the trajectory slightly (README: Memory)."},
+    )
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -122,7 +128,8 @@ def check_output_dir(output_dir: Optional[str], overwrite: bool, resume_from_che
 
 #: What a run writes into its output_dir; `--overwrite_output_dir` removes these first, so no loader ever
 #: picks up an artifact of the previous run (e.g. an old compact model beside a new dense one).
-RUN_ARTIFACTS = ("losparse_config.json", "losparse_model.safetensors", "all_results.json", "generations.json")
+RUN_ARTIFACTS = ("losparse_config.json", "losparse_model.safetensors", "all_results.json", "generations.json",
+                 "structured_pruning.json")
 
 
 def remove_stale_artifacts(output_dir: str) -> list[str]:
@@ -191,7 +198,8 @@ def resolve_resume(model_args: Any, losparse_config: Any, run_args: Any, trainin
     from .checkpoint import check_same_compression, resolve_resume_checkpoint
     from .export import LOSPARSE_CONFIG_FILE
 
-    needs_pruner = losparse_config.method_spec.decomposes and not os.path.isfile(
+    spec = losparse_config.method_spec
+    needs_pruner = (spec.decomposes or spec.prunes_structures) and not os.path.isfile(
         os.path.join(model_args.model_name_or_path, LOSPARSE_CONFIG_FILE))
     checkpoint = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir,
                                            needs_pruner=needs_pruner, needs_optimizer=not training_args.save_only_model)
@@ -252,6 +260,12 @@ def start_run(model_args: Any, losparse_config: Any, run_args: Any, training_arg
         resolve_svd_device(losparse_config.svd_device, torch.device("cpu"))
         check_targets_before_loading(model_args.model_name_or_path, auto_class, losparse_config,
                                      cache_dir=model_args.cache_dir)
+    if losparse_config.method_spec.prunes_structures:
+        from .preflight import load_model_config
+        from .structured import check_structured_config, check_supported
+
+        check_structured_config(losparse_config)
+        check_supported(load_model_config(model_args.model_name_or_path, cache_dir=model_args.cache_dir))
     if run_args.overwrite_output_dir and not training_args.resume_from_checkpoint and training_args.should_save:
         removed = remove_stale_artifacts(training_args.output_dir)
         if removed:
@@ -293,25 +307,44 @@ def load_models(auto_class: Any, model_args: Any, distill_args: Any = None, **mo
 
 
 def make_trainer(trainer_class: type, losparse_config: Any, distill_args: Any = None, teacher_model: Any = None,
-                 allow_resume_config_change: bool = False, **trainer_kwargs: Any) -> Any:
+                 allow_resume_config_change: bool = False, lean_optimizer: bool = False,
+                 **trainer_kwargs: Any) -> Any:
     """The run's trainer: `compose_trainer(trainer_class, prune=..., distill=...)`, built once with all it needs.
 
       - prune when the method decomposes and the model is not decomposed yet; this is the run scripts'
-        one call of `apply(model, losparse_config)`, made here before the trainer is built;
-      - distill when a teacher is given.
+        one call of `apply(model, losparse_config)`, made here before the trainer is built. A model already
+        decomposed in training form (a calibrated start, `losparse.oneshot.calibrated_init(prune=False)`) is
+        pruned too, without `apply`; a compact checkpoint trains as it is;
+      - distill when a teacher is given;
+      - `lean_optimizer`: AdamW with bf16 moments for S (`functional.LeanAdamW`), for pruning runs.
     `declare_loss_kwargs(model)` runs before construction whatever is composed: the Trainer reads it in
     `__init__` (without it DDP runs train on a loss N times too large).
     """
     from .decompose import apply, losparse_layers
+    from .layers import LoSparseLinear
     from .trainer import compose_trainer, declare_loss_kwargs
 
     model = trainer_kwargs["model"]
     declare_loss_kwargs(model)
-    prune = losparse_config.method_spec.decomposes and not losparse_layers(model)
+    layers = losparse_layers(model)
+    prune = losparse_config.method_spec.decomposes and all(isinstance(m, LoSparseLinear) for _, m in layers)
     distill = teacher_model is not None
+    if losparse_config.method_spec.prunes_structures:
+        from .structured import structured_trainer
+
+        if distill:
+            trainer_kwargs.update(teacher_model=teacher_model, distill_args=distill_args)
+        base = compose_trainer(trainer_class, distill=distill)
+        return structured_trainer(base)(structured_config=losparse_config,
+                                        allow_resume_config_change=allow_resume_config_change, **trainer_kwargs)
     if prune:
-        apply(model, losparse_config)
+        if not layers:
+            apply(model, losparse_config)
         trainer_kwargs["allow_resume_config_change"] = allow_resume_config_change
+        if lean_optimizer:
+            from .functional import lean_optimizer_cls_and_kwargs
+
+            trainer_kwargs["optimizer_cls_and_kwargs"] = lean_optimizer_cls_and_kwargs(model, trainer_kwargs["args"])
     if distill:
         trainer_kwargs.update(teacher_model=teacher_model, distill_args=distill_args)
     return compose_trainer(trainer_class, prune=prune, distill=distill)(**trainer_kwargs)
@@ -337,11 +370,25 @@ def finish_run(trainer: Any, tokenizer: Any, evaluate: Callable[[], dict[str, fl
     model = trainer.model
     output_dir = trainer.args.output_dir
     losparse_config = getattr(model, "losparse_config", losparse_config)
-    if losparse_layers(model):
+    structured = getattr(trainer, "structured_callback", None) is not None
+    from .sharding import is_fsdp_model, unshard_model
+
+    if is_fsdp_model(model):  # FSDP2: every rank gathers the full tensors before compaction (collective)
+        unshard_model(model)
+    if structured:
+        from .structured import remove_pruned_structures, save_structured, structured_report
+
+        mask_ratio = trainer.pruner.achieved_kept_fraction() if trainer.pruner is not None else 1.0
+        remove_pruned_structures(model)
+    elif losparse_layers(model):
         compact(model)
     metrics = evaluate()
     if trainer.is_world_process_zero():
-        if losparse_layers(model):
+        if structured:
+            report = {**structured_report(model, trainer.dense_target_params, trainer.dense_model_params),
+                      "mask_remaining_ratio": mask_ratio}
+            save_structured(model, output_dir, tokenizer=tokenizer)
+        elif losparse_layers(model):
             report = parameter_report(model)
             save(model, output_dir, tokenizer=tokenizer, base_model=getattr(model, "compressed_from", None)
                  or (extra_results or {}).get("model_name_or_path"))

@@ -20,6 +20,8 @@ PRUNE_DIMS = ("rows", "columns")
 IMPORTANCE_METRICS = ("sensitivity", "magnitude")
 SVD_SOLVERS = ("auto", "exact", "randomized")
 PRUNING_VARIANTS = ("paper", "reference")
+LPAF_IMPORTANCE = ("first_order", "magnitude", "sensitivity")
+LPAF_FACTORIZATIONS = ("em", "als", "plain")
 
 
 @dataclass
@@ -96,6 +98,37 @@ class LoSparseConfig:
             "and mask steps run one step behind, and every neuron scoring at least the k-th smallest entry score "
             "is kept. See the README's 'Notes, deviations and limits'."
         },
+    )
+    lpaf_importance: str = field(
+        default="first_order",
+        metadata={"help": "LPAF only: entry scores for its unstructured pruning. 'first_order' = accumulated -w·dL/dw "
+                          "(movement; the paper's choice), 'magnitude' = |w|, 'sensitivity' = EMA of |w·dL/dw| "
+                          "(the comparison of the paper's 'only first-order pruning' claim)."},
+    )
+    lpaf_prune_fraction: float = field(
+        default=0.5,
+        metadata={"help": "LPAF only: share of the optimizer steps spent pruning; at the end of it S is factorised "
+                          "into U·V and the rest of the run is mixed-rank fine-tuning."},
+    )
+    lpaf_max_rank_factor: float = field(
+        default=2.0,
+        metadata={"help": "LPAF only: S is factorised at rank R = ceil(factor·r) (r: the target rank the ratio allows); "
+                          "mixed-rank fine-tuning draws ranks in [r, R] and ends at r."},
+    )
+    lpaf_factorization: str = field(
+        default="em",
+        metadata={"help": "LPAF only: 'em' / 'als' = sparsity-aware SVD (mask-weighted low-rank fit: EM weighted-SVD "
+                          "iteration or alternating least squares), 'plain' = truncated SVD of the pruned matrix."},
+    )
+    lpaf_pruned_weight: float = field(
+        default=0.1,
+        metadata={"help": "LPAF only: weight of the pruned entries in the sparsity-aware fit (kept entries weigh 1). "
+                          "0 leaves them free, which lets U·V put large values there once R·(out+in) nears the kept "
+                          "entries; 1 is the plain SVD objective."},
+    )
+    lpaf_factorization_iterations: int = field(
+        default=10,
+        metadata={"help": "LPAF only: iterations of the sparsity-aware SVD (from the plain SVD; never worse than it)."},
     )
     svd_solver: str = field(
         default="auto",
@@ -180,10 +213,33 @@ class LoSparseConfig:
                 raise LoSparseUsageError(f"--svd_device {self.svd_device!r}: only 'auto', 'cpu' and 'cuda[:N]' are supported")
         if self.pruning_interval < 1:
             raise LoSparseUsageError(f"--pruning_interval {self.pruning_interval!r} must be >= 1")
+        self._validate_lpaf()
         if self.pruning_variant not in PRUNING_VARIANTS:
             raise LoSparseUsageError(
                 f"--pruning_variant {self.pruning_variant!r} is not known; choose one of: {', '.join(PRUNING_VARIANTS)}"
             )
+
+    def _validate_lpaf(self) -> None:
+        if self.lpaf_importance not in LPAF_IMPORTANCE:
+            raise LoSparseUsageError(
+                f"--lpaf_importance {self.lpaf_importance!r} is not known; choose one of: {', '.join(LPAF_IMPORTANCE)}"
+            )
+        if self.lpaf_factorization not in LPAF_FACTORIZATIONS:
+            raise LoSparseUsageError(f"--lpaf_factorization {self.lpaf_factorization!r} is not known; choose one of: "
+                                     f"{', '.join(LPAF_FACTORIZATIONS)}")
+        if not 0.0 < self.lpaf_prune_fraction < 1.0:
+            raise LoSparseUsageError(f"--lpaf_prune_fraction {self.lpaf_prune_fraction!r} is out of range; it must be "
+                                     "in (0, 1) (the rest of the run fine-tunes the factorised model)")
+        if not (isinstance(self.lpaf_max_rank_factor, (int, float)) and self.lpaf_max_rank_factor >= 1.0):
+            raise LoSparseUsageError(f"--lpaf_max_rank_factor {self.lpaf_max_rank_factor!r} must be >= 1 "
+                                     "(1 = no mixed ranks: factorise and train at the target rank)")
+        if not 0.0 <= self.lpaf_pruned_weight <= 1.0:
+            raise LoSparseUsageError(f"--lpaf_pruned_weight {self.lpaf_pruned_weight!r} is out of range; it must be in [0, 1]")
+        if self.lpaf_factorization_iterations < 0:
+            raise LoSparseUsageError(f"--lpaf_factorization_iterations {self.lpaf_factorization_iterations!r} must be >= 0")
+        if self.method == "lpaf" and self.pruning_variant != "paper":
+            raise LoSparseUsageError(f"--pruning_variant {self.pruning_variant!r} is not available with --method lpaf; "
+                                     "LPAF prunes with the 'paper' arithmetic")
 
     @property
     def method_spec(self):

@@ -53,6 +53,11 @@ def allocate_ranks(shapes: list[tuple[int, int]], share: float) -> list[int]:
 RANDOMIZED_SVD_MIN_DIM = 2048
 
 
+def lpaf_max_ranks(shapes: list[tuple[int, int]], target_ranks: list[int], factor: float) -> list[int]:
+    """LPAF's largest mixed rank per layer: R = min(ceil(factor·r), min(out, in)) for target rank r."""
+    return [min(min(shape), max(rank, math.ceil(factor * rank - 1e-9))) for shape, rank in zip(shapes, target_ranks)]
+
+
 def resolve_svd_device(svd_device: str, weight_device: torch.device) -> torch.device:
     """The device the SVD runs on: the named one, or for 'auto' this process's GPU if any, else the weight's.
 
@@ -184,7 +189,7 @@ def set_submodule(model: nn.Module, name: str, new_module: nn.Module) -> None:
 @torch.no_grad()
 def decompose_linear(linear: nn.Module, low_rank_ratio: Optional[float], prune_dim: str = "rows",
                      has_sparse: bool = True, rank: Optional[int] = None, svd_solver: str = "exact",
-                     svd_device: str = "auto") -> LoSparseLinear:
+                     svd_device: str = "auto", svd_init: bool = True) -> LoSparseLinear:
     """Replace-ready `LoSparseLinear` with U·V + S == W, the (out, in) weight of `linear` (to float rounding).
 
     `linear` is an `nn.Linear` or a GPT-2 `Conv1D` (whose stored weight is Wᵀ); the layer computes the
@@ -192,6 +197,8 @@ def decompose_linear(linear: nn.Module, low_rank_ratio: Optional[float], prune_d
     The rank is `rank` if given, else k = ceil(r·out·in/(out+in)) for r = `low_rank_ratio`, else 0:
     no low-rank part (S = W, for pruning baselines). `has_sparse=False` keeps only U·V (the SVD
     truncation, for low-rank baselines). `svd_solver`, `svd_device`: see `svd_split`.
+    `svd_init=False` leaves U and V at zero and S = W (LPAF: the factors are filled in after pruning; while
+    both are zero neither gets a gradient, so they stay inert until then).
     """
     weight = dense_weight_of(linear)
     out_features, in_features = weight.shape
@@ -210,7 +217,7 @@ def decompose_linear(linear: nn.Module, low_rank_ratio: Optional[float], prune_d
     )
     work_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     remainder = weight.to(work_dtype)
-    if rank:
+    if rank and svd_init:
         u, v = svd_split(weight, rank, svd_solver, svd_device)
         layer.low_rank_u.copy_(u)
         layer.low_rank_v.copy_(v)
@@ -254,13 +261,22 @@ def apply(model: nn.Module, config: LoSparseConfig) -> nn.Module:
     svd_device = resolve_svd_device(config.svd_device, targets[0][1].weight.device)
     started = time.perf_counter()
     ranks: list[Optional[int]] = [None] * len(targets)
+    shapes = [dense_features(linear) for _, linear in targets]
     if spec.rank_from == "remaining_ratio":
-        ranks = allocate_ranks([dense_features(linear) for _, linear in targets], share)
+        ranks = allocate_ranks(shapes, share)
+    prune_dim = config.prune_dim
+    if spec.prune_then_factorize:  # LPAF: room for its largest mixed rank, unstructured masks, no SVD yet
+        ranks = lpaf_max_ranks(shapes, ranks, config.lpaf_max_rank_factor)
+        prune_dim = "entries"
     for (name, linear), rank in zip(targets, ranks):
-        set_submodule(model, name, decompose_linear(linear, share, config.prune_dim, has_sparse=spec.has_sparse,
+        set_submodule(model, name, decompose_linear(linear, share, prune_dim, has_sparse=spec.has_sparse,
                                                     rank=rank, svd_solver=config.svd_solver,
-                                                    svd_device=config.svd_device))
-    if share is None:
+                                                    svd_device=config.svd_device,
+                                                    svd_init=not spec.prune_then_factorize))
+    if spec.prune_then_factorize:
+        logger.info("Wrapped %d linear layers for LPAF (unstructured pruning first; U·V of rank up to %d filled in "
+                    "when S is factorised)", len(targets), max(ranks, default=0))
+    elif share is None:
         logger.info("Wrapped %d linear layers for pruning in %.1f s (no low-rank part, no SVD)", len(targets),
                     time.perf_counter() - started)
     else:

@@ -72,25 +72,30 @@ def merge(model: nn.Module) -> nn.Module:
         set_submodule(model, name, make_dense(layer.dense_type, weight, layer.bias))
     if hasattr(model, "losparse_config"):
         del model.losparse_config
+    if hasattr(model, "losparse_forms"):
+        del model.losparse_forms
     return model
 
 
 def _layer_counts(layer: nn.Module) -> dict[str, Any]:
     out_f, in_f = layer.out_features, layer.in_features
-    neuron_size = in_f if layer.prune_dim == "rows" else out_f
     if isinstance(layer, CompactLoSparseLinear):
+        neuron_size = in_f if layer.prune_dim == "rows" else out_f
         kept = layer.num_kept
         total_neurons = out_f if layer.prune_dim == "rows" else in_f
+        rank = layer.rank
     else:
+        neuron_size = layer.neuron_size
         total_neurons = layer.sparse_mask.numel()
-        kept = int(layer.sparse_mask.sum()) if layer.sparse is not None else 0
-    low_rank = layer.rank * (in_f + out_f)
+        kept = int(layer.sparse_mask.sum()) if layer.uses_sparse else 0
+        rank = layer.current_rank
+    low_rank = rank * (in_f + out_f)
     sparse = kept * neuron_size
     return {
         "out_features": out_f,
         "in_features": in_f,
         "dense_params": out_f * in_f,
-        "rank": layer.rank,
+        "rank": rank,
         "low_rank_params": low_rank,
         "sparse_kept_neurons": kept,
         "sparse_neurons": total_neurons,
@@ -163,6 +168,8 @@ def save(model: nn.Module, path: str, tokenizer: Any = None, base_model: Optiona
     if any(isinstance(layer, LoSparseLinear) for _, layer in losparse_layers(model)):
         model = compact(copy.deepcopy(model))
     os.makedirs(path, exist_ok=True)
+    layer_names = {name for name, _ in losparse_layers(model)}
+    forms = {name: form for name, form in (getattr(model, "losparse_forms", None) or {}).items() if name in layer_names}
     model_config = copy.deepcopy(model.config)
     model_config.architectures = [type(model).__name__]
     model_config.save_pretrained(path)
@@ -195,6 +202,8 @@ def save(model: nn.Module, path: str, tokenizer: Any = None, base_model: Optiona
         "parameter_report": report,
         "layers": layers,
     }
+    if forms:  # the per-layer forms `losparse.optimize` chose; `load` re-applies them
+        meta["forms"] = forms
     with open(os.path.join(path, LOSPARSE_CONFIG_FILE), "w") as f:
         json.dump(meta, f, indent=2)
     save_model(model, os.path.join(path, WEIGHTS_FILE))
@@ -241,6 +250,8 @@ class CheckedCheckpoint:
     base_model: Optional[str] = None
     #: The LoSparse version that wrote the checkpoint; None for checkpoints written before it was recorded.
     losparse_version: Optional[str] = None
+    #: Layer name -> form chosen by `losparse.optimize` ("compact", "dense", "triton"); None if not optimized.
+    forms: Optional[dict[str, str]] = None
 
 
 class _ManifestSyntaxError(ValueError):
@@ -546,6 +557,22 @@ def _check_header(header: dict[str, tuple[tuple[int, ...], str]],
         raise _error(path, WEIGHTS_FILE, f"{extra[0]} is not a tensor of this model{more}")
 
 
+def _check_forms(meta: dict[str, Any], layers: dict[str, dict[str, Any]], path: str) -> Optional[dict[str, str]]:
+    """The optional `forms` field: an object mapping layers of `layers` to known form names."""
+    from .dispatch import FORMS
+
+    forms = meta.get("forms")
+    if forms is None:
+        return None
+    _typed(forms, dict, "forms", path)
+    for name, form in forms.items():
+        if name not in layers:
+            raise _error(path, LOSPARSE_CONFIG_FILE, f"forms names {name!r}, which is not in layers")
+        if form not in FORMS:
+            raise _error(path, LOSPARSE_CONFIG_FILE, f"forms[{name!r}] is {form!r}, not one of {', '.join(FORMS)}")
+    return dict(forms)
+
+
 def _check_kept_index(name: str, index: torch.Tensor, neurons: int, path: str) -> None:
     """Kept indices as `compact` writes them: in range, unique, increasing.
 
@@ -592,10 +619,12 @@ def check_checkpoint(path: str) -> CheckedCheckpoint:
     generation_config = _read_generation_config(path)
     skeleton = _meta_skeleton(model_class, model_config, path)
     layers = _check_layers(meta, skeleton, path)
+    forms = _check_forms(meta, layers, path)
     _check_header(_read_header(path), _expected_tensors(skeleton, layers), path)
     _check_kept_indices(layers, path)
     return CheckedCheckpoint(path, model_class, model_config, generation_config, dtype, losparse_config, layers,
-                             base_model=provenance["base_model"], losparse_version=provenance["losparse_version"])
+                             base_model=provenance["base_model"], losparse_version=provenance["losparse_version"],
+                             forms=forms)
 
 
 # --- load: the compact model built at its checked shapes, only its real tensors materialised -------------
@@ -740,7 +769,8 @@ def _load_dtype(dtype: Union[None, str, torch.dtype], checked: CheckedCheckpoint
 
 
 def load(path: str, device: Optional[Union[str, torch.device]] = None,
-         dtype: Union[None, str, torch.dtype] = None) -> nn.Module:
+         dtype: Union[None, str, torch.dtype] = None, optimize: Optional[bool] = None,
+         example_inputs: Optional[dict[str, Any]] = None) -> nn.Module:
     """Rebuild the compact model saved by `save` (offline), in eval mode, ready to use.
 
     `check_checkpoint` runs first, so a crafted or corrupt checkpoint fails with one
@@ -752,8 +782,19 @@ def load(path: str, device: Optional[Union[str, torch.device]] = None,
     dtype: the floating-point dtype to load in (`torch.float16`, `"bfloat16"`, ...); default the
     checkpoint's. device: where the tensors go (`"cuda:0"`, ...); each is moved as it is read, so
     CPU memory holds at most one tensor at a time.
+
+    optimize / example_inputs: the per-layer forms of `losparse.optimize`. By default (None) the forms the
+    manifest records are re-applied without measuring (a recorded "triton" falls back to compact where the
+    kernel cannot run); False ignores them; True with `example_inputs` measures anew on this device
+    (`model.losparse_optimize_report` holds the report), True without needs recorded forms.
     """
+    if example_inputs is not None and optimize is False:
+        raise LoSparseUsageError("load(optimize=False, example_inputs=...): example_inputs are for measuring; "
+                                 "drop them or pass optimize=True")
     checked = check_checkpoint(path)
+    if optimize is True and example_inputs is None and not checked.forms:
+        raise LoSparseUsageError(f"load({path!r}, optimize=True): the checkpoint records no forms; pass "
+                                 "example_inputs=... to measure them")
     dtype = _load_dtype(dtype, checked)
     device = torch.device(device) if device is not None else None
     if sys.byteorder != "little":  # safetensors stores little-endian bytes, which `_WeightsReader` copies as they are
@@ -787,4 +828,15 @@ def load(path: str, device: Optional[Union[str, torch.device]] = None,
         model.generation_config = checked.generation_config
     model.losparse_config = checked.losparse_config
     model.compressed_from = checked.base_model
-    return model.eval()
+    for _, layer in losparse_layers(model):
+        layer.refresh_layout()  # kept_index was filled after the layers were built: find the contiguous ones
+    model.eval()
+    if example_inputs is not None:
+        from .dispatch import optimize as optimize_forms
+
+        model.losparse_optimize_report = optimize_forms(model, example_inputs)
+    elif checked.forms and optimize is not False:
+        from .dispatch import apply_forms
+
+        apply_forms(model, checked.forms, strict=False)
+    return model

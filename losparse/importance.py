@@ -39,6 +39,7 @@ from typing import Optional, Sequence
 import torch
 
 from .layers import LoSparseLinear
+from .sharding import any_sharded, check_shardable, local_tensor, sharded_neuron_means
 
 
 class NeuronImportance:
@@ -57,6 +58,7 @@ class NeuronImportance:
         self.beta1 = beta1
         self.beta2 = beta2
         self.num_neurons = [layer.sparse_mask.numel() for layer in self.layers]
+        check_shardable(self.layers, metric == "sensitivity" and beta2 > 0.0)
         device = self.layers[0].sparse.device if self.layers else torch.device("cpu")
         self.neuron_ema = torch.zeros(sum(self.num_neurons), dtype=torch.float32, device=device)
         self.entry_ema: list[torch.Tensor] = []
@@ -77,14 +79,21 @@ class NeuronImportance:
                 self.window_mean = torch.zeros_like(self.neuron_ema)
 
     @property
+    def sharded(self) -> bool:
+        """Some S is an FSDP2 DTensor: scores come from the local rows and are gathered (`losparse.sharding`)."""
+        return any_sharded(self.layers)
+
+    @property
     def uses_uncertainty(self) -> bool:
         return self.metric == "sensitivity" and self.beta2 > 0.0
 
     def _entry_scores(self) -> list[torch.Tensor]:
-        sparse = [layer.sparse.detach() for layer in self.layers]
+        sparse = [local_tensor(layer.sparse.detach()) for layer in self.layers]
         if self.metric == "magnitude":
             return [s.abs().float() for s in sparse]
         grads = [layer.sparse.grad for layer in self.layers]
+        if self.sharded:
+            grads = [None if g is None else local_tensor(g) for g in grads]
         if any(g is None for g in grads):
             raise RuntimeError(
                 "a sparse matrix has no gradient at the optimizer step: the importance update must run after "
@@ -97,8 +106,36 @@ class NeuronImportance:
             torch._foreach_abs_(scores)
         return [s.float() for s in scores]
 
+    def _layer_entry_scores(self, layer: LoSparseLinear) -> torch.Tensor:
+        """One layer's entry scores (out, in), float32: |s|, |s·g| or −s·g."""
+        sparse = layer.sparse.detach()
+        if self.metric == "magnitude":
+            return sparse.abs().float()
+        if layer.sparse.grad is None:
+            raise RuntimeError(
+                "a sparse matrix has no gradient at the optimizer step: the importance update must run after "
+                "backward() and before the gradients are zeroed (DeepSpeed/FSDP free them earlier)"
+            )
+        scores = sparse * layer.sparse.grad
+        return (scores.neg_() if self.metric == "movement" else scores.abs_()).float()
+
+    def _current_neuron_means(self) -> torch.Tensor:
+        """This step's neuron means, layer by layer: at most one layer's (out, in) score tensor is alive at a
+        time (scoring all layers at once would hold a second copy of every S, as much memory as S itself)."""
+        if self.sharded:
+            return self._neuron_means(self._entry_scores())
+        means = []
+        for layer in self.layers:
+            scores = self._layer_entry_scores(layer)
+            means.append(scores.reshape(-1) if layer.neuron_axis is None else scores.mean(dim=1 - layer.neuron_axis))
+        return torch.cat(means)
+
     def _neuron_means(self, entry_scores: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([t.mean(dim=1 - layer.neuron_axis) for t, layer in zip(entry_scores, self.layers)])
+        """Eq. 4 per neuron, flattened in layer order; an entry-masked layer (LPAF) keeps every entry's score."""
+        if self.sharded:
+            return sharded_neuron_means(entry_scores, self.layers)
+        return torch.cat([t.reshape(-1) if layer.neuron_axis is None else t.mean(dim=1 - layer.neuron_axis)
+                          for t, layer in zip(entry_scores, self.layers)])
 
     @property
     def windowed(self) -> bool:
@@ -117,18 +154,18 @@ class NeuronImportance:
             self._update_windowed(self.num_updates + 1 if step is None else int(step))
             self.num_updates += 1
             return
-        entry_scores = self._entry_scores()
         if self.metric == "magnitude":
-            self.neuron_ema.copy_(self._neuron_means(entry_scores))
+            self.neuron_ema.copy_(self._current_neuron_means())
         elif self.metric == "movement":
-            current = self._neuron_means(entry_scores)
+            current = self._current_neuron_means()
             self.neuron_ema.add_(torch.where(torch.isfinite(current).all(), current, torch.zeros_like(current)))
         elif not self.uses_uncertainty:
-            current = self._neuron_means(entry_scores)
+            current = self._current_neuron_means()
             finite = torch.isfinite(current).all()
             updated = self.neuron_ema * self.beta1 + current * (1.0 - self.beta1)
             self.neuron_ema.copy_(torch.where(finite, updated, self.neuron_ema))
         else:
+            entry_scores = self._entry_scores()
             finite = torch.stack([torch.isfinite(t).all() for t in entry_scores]).all()
             weight_ipt = finite.float() * (1.0 - self.beta1)
             weight_unc = finite.float() * (1.0 - self.beta2)
@@ -150,13 +187,13 @@ class NeuronImportance:
                 self.window_mean.zero_()
             for mean in self.entry_window_mean:
                 mean.zero_()
-        entry_scores = self._entry_scores()
         if self.window_mean is not None:
-            current = self._neuron_means(entry_scores)
+            current = self._current_neuron_means()
             finite = torch.isfinite(current).all()
             updated = (self.window_mean * count + current) / (count + 1.0)
             self.window_mean.copy_(torch.where(finite, updated, self.window_mean))
         else:
+            entry_scores = self._entry_scores()
             finite = torch.stack([torch.isfinite(t).all() for t in entry_scores]).all()
             for current, mean in zip(entry_scores, self.entry_window_mean):
                 updated = (mean * count + current) / (count + 1.0)

@@ -15,13 +15,19 @@ The dense layer types are handled here too (`dense_type_of`, `dense_features`, `
 from __future__ import annotations
 
 import sys
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .functional import losparse_linear
+from .sharding import is_sharded, local_rows_of
+
 PRUNE_DIM_TO_AXIS = {"rows": 0, "columns": 1}
+#: Training layers may also mask S entry by entry (LPAF's unstructured pruning); such an S is never compacted:
+#: LPAF factorises it away before the end of training (`losparse.lpaf_pruner`).
+TRAINING_PRUNE_DIMS = ("rows", "columns", "entries")
 #: The dense layers a LoSparse layer can replace: `nn.Linear` and transformers' GPT-2 `Conv1D`.
 DENSE_TYPES = ("linear", "conv1d")
 _CONV1D_MODULE = "transformers.pytorch_utils"
@@ -84,8 +90,9 @@ class _DecomposedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, rank: int, prune_dim: str,
                  dense_type: str = "linear") -> None:
         super().__init__()
-        if prune_dim not in PRUNE_DIM_TO_AXIS:
-            raise ValueError(f"prune_dim {prune_dim!r} is not one of {sorted(PRUNE_DIM_TO_AXIS)}")
+        allowed = TRAINING_PRUNE_DIMS if isinstance(self, LoSparseLinear) else tuple(PRUNE_DIM_TO_AXIS)
+        if prune_dim not in allowed:
+            raise ValueError(f"prune_dim {prune_dim!r} is not one of {', '.join(allowed)}")
         if dense_type not in DENSE_TYPES:
             raise ValueError(f"dense_type {dense_type!r} is not one of {', '.join(DENSE_TYPES)}")
         self.in_features = in_features
@@ -131,8 +138,12 @@ class LoSparseLinear(_DecomposedLinear):
     Parameters (any may be absent, so baselines reuse the layer):
       low_rank_u: (out, k)   low_rank_v: (k, in)   sparse: (out, in)   bias: (out,)
     Buffer:
-      sparse_mask: bool, (out,) for prune_dim="rows" or (in,) for "columns"; True = neuron kept.
-      It is saved with Trainer checkpoints, so a resumed run continues with the same mask.
+      sparse_mask: bool, (out,) for prune_dim="rows", (in,) for "columns", (out, in) for "entries"
+      (unstructured, LPAF); True = neuron (entry) kept. It is saved with Trainer checkpoints, so a
+      resumed run continues with the same mask.
+    Plain attributes set by LPAF's pruner (`losparse.lpaf_pruner`), None/True otherwise:
+      active_rank: use only the leading k columns of U and rows of V (nested, mixed-rank training);
+      sparse_active: False once S has been factorised away; the forward is then x·Vₖᵀ·Uₖᵀ + b.
 
     The forward pass builds the effective weight once (U·V costs out·k·in, far less than the
     x·Wᵀ product for any realistic token count) and runs one GEMM; autograd then gives S the full
@@ -157,23 +168,45 @@ class LoSparseLinear(_DecomposedLinear):
         self.low_rank_v = nn.Parameter(torch.zeros(rank, in_features, **factory)) if rank > 0 else None
         self.sparse = nn.Parameter(torch.zeros(out_features, in_features, **factory)) if has_sparse else None
         self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
-        num_neurons = out_features if prune_dim == "rows" else in_features
-        self.register_buffer("sparse_mask", torch.ones(num_neurons, dtype=torch.bool, device=device))
+        mask_shape = {"rows": (out_features,), "columns": (in_features,), "entries": (out_features, in_features)}
+        self.register_buffer("sparse_mask", torch.ones(mask_shape[prune_dim], dtype=torch.bool, device=device))
+        self.active_rank: Optional[int] = None
+        self.sparse_active = True
 
     @property
-    def neuron_axis(self) -> int:
-        """Axis of `sparse` that indexes the prunable neurons (0 for rows, 1 for columns)."""
-        return PRUNE_DIM_TO_AXIS[self.prune_dim]
+    def neuron_axis(self) -> Optional[int]:
+        """Axis of `sparse` that indexes the prunable neurons (0 for rows, 1 for columns, None for entries)."""
+        return PRUNE_DIM_TO_AXIS.get(self.prune_dim)
 
     @property
     def neuron_size(self) -> int:
-        """Parameters of S in one prunable neuron."""
-        return self.in_features if self.prune_dim == "rows" else self.out_features
+        """Parameters of S in one prunable neuron (1 for entries)."""
+        return {"rows": self.in_features, "columns": self.out_features}.get(self.prune_dim, 1)
+
+    @property
+    def current_rank(self) -> int:
+        """The rank the forward uses: `active_rank` if set, else all of U·V."""
+        return self.rank if self.active_rank is None else self.active_rank
+
+    @property
+    def uses_sparse(self) -> bool:
+        """Whether S takes part in the forward (it exists and has not been factorised away)."""
+        return self.sparse is not None and self.sparse_active
+
+    def low_rank_factors(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(U[:, :k], V[:k]) for k = `current_rank` (views), or (None, None) without a low-rank part."""
+        if self.low_rank_u is None:
+            return None, None
+        rank = self.current_rank
+        if rank == self.rank:
+            return self.low_rank_u, self.low_rank_v
+        return self.low_rank_u[:, :rank], self.low_rank_v[:rank]
 
     def low_rank_weight(self) -> Optional[torch.Tensor]:
-        if self.low_rank_u is None:
+        u, v = self.low_rank_factors()
+        if u is None:
             return None
-        return self.low_rank_u @ self.low_rank_v
+        return u @ v
 
     def effective_weight(self) -> torch.Tensor:
         """U·V + S as one (out, in) matrix (S already carries its mask).
@@ -181,18 +214,30 @@ class LoSparseLinear(_DecomposedLinear):
         One fused `addmm`: on CPU a plain `U @ V` with a small inner dimension k can take a slow
         path (measured ~13× slower than `addmm` for a 1536×16 @ 16×384 product).
         """
-        if self.sparse is None:
+        if not self.uses_sparse:
             if self.low_rank_u is None:
                 raise RuntimeError("LoSparseLinear has neither a low-rank nor a sparse part")
             return self.low_rank_weight()
-        if self.low_rank_u is None:
+        u, v = self.low_rank_factors()
+        if u is None:
             return self.sparse
-        return torch.addmm(self.sparse, self.low_rank_u, self.low_rank_v)
+        return torch.addmm(self.sparse, u, v)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.effective_weight(), self.bias)
+        if self.sparse is not None and not self.sparse_active:
+            # LPAF after factorising: two thin GEMMs, cheaper than building U·V for a full one.
+            u, v = self.low_rank_factors()
+            return F.linear(F.linear(x, v), u, self.bias)
+        if not self.uses_sparse and self.low_rank_u is None:
+            raise RuntimeError("LoSparseLinear has neither a low-rank nor a sparse part")
+        # Same values and gradients as F.linear(x, effective_weight(), bias), but no (out, in) matrix is
+        # kept alive for the backward (losparse.functional).
+        u, v = self.low_rank_factors()
+        return losparse_linear(x, u, v, self.sparse, self.bias)
 
     def _broadcast_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        if self.neuron_axis is None:
+            return mask
         return mask.unsqueeze(1) if self.neuron_axis == 0 else mask.unsqueeze(0)
 
     @torch.no_grad()
@@ -203,17 +248,28 @@ class LoSparseLinear(_DecomposedLinear):
 
     @torch.no_grad()
     def apply_sparse_mask(self) -> None:
-        """Zero the pruned neurons of S again (after an optimizer step could have moved them)."""
-        if self.sparse is not None:
-            self.sparse.mul_(self._broadcast_mask(self.sparse_mask).to(self.sparse.dtype))
+        """Zero the pruned neurons of S again (after an optimizer step could have moved them).
+
+        Under FSDP2 (S a row-sharded DTensor, the mask a full buffer) each rank zeroes its own rows only.
+        """
+        if self.sparse is None:
+            return
+        if is_sharded(self.sparse):
+            local, mask = local_rows_of(self.sparse, self.sparse_mask, self.neuron_axis)
+            local.mul_(self._broadcast_mask(mask).to(local.dtype))
+            return
+        self.sparse.mul_(self._broadcast_mask(self.sparse_mask).to(self.sparse.dtype))
 
     def kept_neuron_index(self) -> torch.Tensor:
+        if self.neuron_axis is None:
+            raise ValueError("an entry-masked (unstructured) S has no kept neurons; LPAF factorises it away first")
         return torch.nonzero(self.sparse_mask, as_tuple=False).flatten()
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-            f"sparse={self.sparse is not None}, prune_dim={self.prune_dim}, bias={self.bias is not None}"
+            + (f"active_rank={self.active_rank}, " if self.active_rank is not None else "")
+            + f"sparse={self.uses_sparse}, prune_dim={self.prune_dim}, bias={self.bias is not None}"
             + (f", dense_type={self.dense_type}" if self.dense_type != "linear" else "")
         )
 
@@ -229,6 +285,12 @@ class CompactLoSparseLinear(_DecomposedLinear):
       y = [x·Vᵀ, x[:, kept_index]]·fused_weightᵀ + b
     Either way the work is two GEMMs and one gather/scatter over only the kept neurons, with no
     dense S and no zero-filled buffer; any leading batch/sequence shape and any dtype works.
+
+    When `kept_index` is one contiguous range [a, a+m) (what `losparse.permute.make_contiguous` arranges
+    for FFN layers), the scatter is a slice add `y[..., a:a+m] += z[..., k:]` and the gather a slice
+    `x[..., a:a+m]`. `kept_start` (a plain int attribute, a or None) records that; `refresh_layout()`
+    recomputes it once whenever `kept_index` changes (`from_losparse`, `load_state_dict`, `losparse.load`,
+    the permutation), so the forward never reads `kept_index` back to the host.
     """
 
     def __init__(
@@ -256,39 +318,66 @@ class CompactLoSparseLinear(_DecomposedLinear):
             self.low_rank_u = None
         self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
         self.register_buffer("kept_index", torch.zeros(num_kept, dtype=torch.long, device=device))
+        self.kept_start: Optional[int] = None
+
+    @torch.no_grad()
+    def refresh_layout(self) -> Optional[int]:
+        """Set `kept_start` to a if `kept_index` is exactly a, a+1, ..., a+m-1, else None; returns it.
+
+        One host read of `kept_index`: call it after changing the indices, never per forward. A tensor on
+        the meta device has no values yet, so it gives None (the indexed path, always correct).
+        """
+        index = self.kept_index
+        self.kept_start = None
+        if index.numel() and not index.is_meta:
+            start = int(index[0])
+            if bool((index == torch.arange(start, start + index.numel(), device=index.device)).all()):
+                self.kept_start = start
+        return self.kept_start
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.refresh_layout()  # new kept_index values: the slice path must not use a stale start
 
     @classmethod
     @torch.no_grad()
     def from_losparse(cls, layer: LoSparseLinear) -> "CompactLoSparseLinear":
-        kept_index = layer.kept_neuron_index() if layer.sparse is not None else layer.sparse_mask.new_zeros(0).long()
+        if layer.uses_sparse:
+            kept_index = layer.kept_neuron_index()
+        else:
+            kept_index = torch.zeros(0, dtype=torch.long, device=layer.sparse_mask.device)
         ref = layer.sparse if layer.sparse is not None else layer.low_rank_u
+        low_rank_u, low_rank_v = layer.low_rank_factors()
+        # an S factorised away (LPAF) leaves pure U·V, stored in the rows form with no kept neuron
+        prune_dim = layer.prune_dim if layer.neuron_axis is not None else "rows"
         compact = cls(
             layer.in_features,
             layer.out_features,
-            layer.rank,
+            layer.current_rank,
             int(kept_index.numel()),
             bias=layer.bias is not None,
-            prune_dim=layer.prune_dim,
+            prune_dim=prune_dim,
             device=ref.device,
             dtype=ref.dtype,
             dense_type=layer.dense_type,
         )
-        rank = layer.rank
-        if layer.prune_dim == "rows":
+        rank = layer.current_rank
+        if prune_dim == "rows":
             if rank:
-                compact.fused_weight[:rank].copy_(layer.low_rank_v)
-                compact.low_rank_u.copy_(layer.low_rank_u)
+                compact.fused_weight[:rank].copy_(low_rank_v)
+                compact.low_rank_u.copy_(low_rank_u)
             if compact.num_kept:
                 compact.fused_weight[rank:].copy_(layer.sparse.index_select(0, kept_index))
         else:
             if rank:
-                compact.low_rank_v.copy_(layer.low_rank_v)
-                compact.fused_weight[:, :rank].copy_(layer.low_rank_u)
+                compact.low_rank_v.copy_(low_rank_v)
+                compact.fused_weight[:, :rank].copy_(low_rank_u)
             if compact.num_kept:
                 compact.fused_weight[:, rank:].copy_(layer.sparse.index_select(1, kept_index))
         compact.kept_index.copy_(kept_index)
         if layer.bias is not None:
             compact.bias.copy_(layer.bias)
+        compact.refresh_layout()
         return compact
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -302,11 +391,17 @@ class CompactLoSparseLinear(_DecomposedLinear):
             else:
                 y = x.new_zeros(*x.shape[:-1], self.out_features)
             if self.num_kept:
-                y.index_add_(-1, self.kept_index, z[..., rank:])
+                if self.kept_start is None:
+                    y.index_add_(-1, self.kept_index, z[..., rank:])
+                else:
+                    y.narrow(-1, self.kept_start, self.num_kept).add_(z[..., rank:])
             return y
         parts = [F.linear(x, self.low_rank_v)] if rank else []
         if self.num_kept:
-            parts.append(x.index_select(-1, self.kept_index))
+            if self.kept_start is None:
+                parts.append(x.index_select(-1, self.kept_index))
+            else:
+                parts.append(x.narrow(-1, self.kept_start, self.num_kept))
         return F.linear(torch.cat(parts, dim=-1), self.fused_weight, self.bias)
 
     @torch.no_grad()

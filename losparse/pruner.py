@@ -63,6 +63,23 @@ def target_budget(layers: list[LoSparseLinear], config: LoSparseConfig) -> dict[
     }
 
 
+def _keep_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The k highest scores (ties: the earlier entry wins), in O(N) via `kthvalue` instead of a full sort.
+
+    For unit-sized neurons (entries) the paper rule "best neurons whose parameters fit in p" is exactly
+    top-k; with millions of entries a stable argsort at every mask step would dominate the step time.
+    """
+    total = scores.numel()
+    k = max(0, min(total, k))
+    if k == 0 or k == total:
+        return torch.full_like(scores, k == total, dtype=torch.bool)
+    threshold = torch.kthvalue(scores, total - k + 1).values
+    keep = scores > threshold
+    ties = torch.nonzero(scores == threshold, as_tuple=False).flatten()
+    keep[ties[: k - int(keep.sum())]] = True
+    return keep
+
+
 class LoSparsePruner:
     """Importance tracking + cubic schedule + global structured masking for one model."""
 
@@ -78,15 +95,16 @@ class LoSparsePruner:
                 f"up the low-rank share is {budget['low_rank_share']:.4f} >= --remaining_ratio "
                 f"{self.config.remaining_ratio}; lower --low_rank_ratio"
             )
+        pruning_steps = self.pruning_steps(total_steps)
         self.schedule = CubicSchedule(
-            total_steps=total_steps,
-            warmup_steps=resolve_steps(self.config.pruning_warmup_steps, self.config.pruning_warmup_ratio, total_steps),
-            final_steps=resolve_steps(self.config.pruning_final_steps, self.config.pruning_final_ratio, total_steps),
+            total_steps=pruning_steps,
+            warmup_steps=resolve_steps(self.config.pruning_warmup_steps, self.config.pruning_warmup_ratio, pruning_steps),
+            final_steps=resolve_steps(self.config.pruning_final_steps, self.config.pruning_final_ratio, pruning_steps),
             final_fraction=self.final_kept_fraction,
             interval=self.config.pruning_interval,
             variant=self.config.pruning_variant,
         )
-        metric = self.config.method_spec.importance or self.config.importance
+        metric = self.importance_metric()
         window = self.config.pruning_interval if self.variant == "reference" else None
         self.importance = NeuronImportance(self.layers, metric, self.config.beta1, self.config.beta2, window=window)
         device = self.importance.neuron_ema.device
@@ -95,12 +113,22 @@ class LoSparsePruner:
              for layer in self.layers]
         ) if self.layers else torch.zeros(0, dtype=torch.float64)
         self.total_sparse_params = float(self.neuron_sizes.sum()) if self.layers else 0.0
+        #: every "neuron" is one entry (LPAF's unstructured masks): the keep rule is a plain top-k
+        self.unit_sized = bool(self.layers) and all(layer.neuron_size == 1 for layer in self.layers)
         self.last_step = 0
         self.kept_fraction = 1.0
 
     @property
     def variant(self) -> str:
         return self.config.pruning_variant
+
+    def pruning_steps(self, total_steps: int) -> int:
+        """The optimizer steps the cubic schedule spans (all of them; LPAF prunes in the first part only)."""
+        return total_steps
+
+    def importance_metric(self) -> str:
+        """The score `NeuronImportance` tracks: the method's own, else the config's --importance."""
+        return self.config.method_spec.importance or self.config.importance
 
     @torch.no_grad()
     def step(self, step: int) -> None:
@@ -145,16 +173,16 @@ class LoSparsePruner:
         scores = scores.to(self.neuron_sizes.device)
         if self.variant == "reference":
             keep = self._reference_keep(kept_fraction, scores)
-            for layer, mask in zip(self.layers, torch.split(keep, self.importance.num_neurons)):
-                layer.set_sparse_mask(mask)
-            return
-        order = torch.argsort(scores, descending=True, stable=True)
-        kept_params = torch.cumsum(self.neuron_sizes[order], dim=0)
-        keep_sorted = kept_params <= kept_fraction * self.total_sparse_params + 0.5
-        keep = torch.empty_like(keep_sorted)
-        keep[order] = keep_sorted
+        elif self.unit_sized:
+            keep = _keep_top_k(scores, int(kept_fraction * self.total_sparse_params + 0.5))
+        else:
+            order = torch.argsort(scores, descending=True, stable=True)
+            kept_params = torch.cumsum(self.neuron_sizes[order], dim=0)
+            keep_sorted = kept_params <= kept_fraction * self.total_sparse_params + 0.5
+            keep = torch.empty_like(keep_sorted)
+            keep[order] = keep_sorted
         for layer, mask in zip(self.layers, torch.split(keep, self.importance.num_neurons)):
-            layer.set_sparse_mask(mask)
+            layer.set_sparse_mask(mask.view(layer.sparse_mask.shape))
 
     def _reference_keep(self, kept_fraction: float, scores: torch.Tensor) -> torch.Tensor:
         if kept_fraction <= 0.0:
@@ -182,7 +210,7 @@ class LoSparsePruner:
         """Kept S parameters / all S parameters, counted from the masks (host sync; for reports)."""
         if not self.layers:
             return 0.0
-        masks = torch.cat([layer.sparse_mask for layer in self.layers]).to(torch.float64)
+        masks = torch.cat([layer.sparse_mask.reshape(-1) for layer in self.layers]).to(torch.float64)
         return float((masks * self.neuron_sizes).sum()) / self.total_sparse_params
 
     def save(self, directory: str) -> None:
@@ -194,7 +222,14 @@ class LoSparsePruner:
         save_file(tensors, os.path.join(directory, PRUNER_STATE_FILE))
         with open(os.path.join(directory, PRUNER_META_FILE), "w") as f:
             json.dump({"last_step": self.last_step, "kept_fraction": self.kept_fraction,
-                       "config": self.config.to_dict()}, f, indent=2)
+                       "config": self.config.to_dict(), **self.extra_state()}, f, indent=2)
+
+    def extra_state(self) -> dict:
+        """More JSON-able state for `save` (subclasses); `restore_extra_state` gets it back on `load`."""
+        return {}
+
+    def restore_extra_state(self, meta: dict) -> None:
+        """Counterpart of `extra_state`, called by `load` with the saved JSON."""
 
     def load(self, directory: str) -> bool:
         """Restore the state saved by `save`; returns False if the directory holds none."""
@@ -209,4 +244,15 @@ class LoSparsePruner:
             meta = json.load(f)
         self.last_step = int(meta["last_step"])
         self.kept_fraction = float(meta["kept_fraction"])
+        self.restore_extra_state(meta)
         return True
+
+
+def build_pruner(model: nn.Module, total_steps: int, config: Optional[LoSparseConfig] = None) -> LoSparsePruner:
+    """The pruner the model's method needs: `LoSparsePruner`, or `LpafPruner` for prune-then-factorise methods."""
+    config = config or get_config(model)
+    if config.method_spec.prune_then_factorize:
+        from .lpaf_pruner import LpafPruner
+
+        return LpafPruner(model, total_steps, config)
+    return LoSparsePruner(model, total_steps, config)

@@ -43,23 +43,60 @@ from .checkpoint import check_same_compression, resolve_resume_checkpoint
 from .config import LoSparseConfig
 from .decompose import apply, losparse_layers
 from .errors import LoSparseUsageError
-from .pruner import LoSparsePruner
+from .pruner import LoSparsePruner, build_pruner
 
 logger = logging.getLogger(__name__)
 
 
-def check_training_backend(args: Any) -> None:
-    """Refuse DeepSpeed and FSDP: both free or shard gradients before any Trainer hook sees them."""
+def check_training_backend(args: Any, config: Optional[LoSparseConfig] = None) -> None:
+    """Refuse the training backends the pruner cannot see whole gradients under; allow FSDP2 where it applies.
+
+    DeepSpeed (ZeRO) partitions and frees gradients before any Trainer hook; FSDP1 flattens S into a
+    FlatParameter, so no rank holds whole rows. FSDP2 (`fsdp_version: 2`, the default of transformers 5)
+    shards S by rows and keeps each shard's gradient until the hook, which `losparse.sharding` handles for
+    the LoSparse pruner (`config` given) with row or column masks and β2 = 0. On CPU accelerate applies no
+    FSDP at all (only its GPU/accelerator distributed types do) and silently trains with DDP, so --fsdp is
+    refused there rather than quietly ignored.
+    """
     if getattr(args, "deepspeed", None):
         raise LoSparseUsageError(
-            "--deepspeed is not supported yet: DeepSpeed frees gradients before the pruner's importance update; "
-            "use plain DDP (accelerate launch / torchrun)"
+            "--deepspeed is not supported: DeepSpeed frees gradients before the pruner's importance update; use "
+            "FSDP2 (--fsdp full_shard with fsdp_config {\"fsdp_version\": 2}) on GPUs, or plain DDP "
+            "(accelerate launch / torchrun)"
         )
-    if getattr(args, "fsdp", None):
+    if not getattr(args, "fsdp", None):
+        return
+    plugin_args = getattr(args, "fsdp_plugin_args", None) or {}
+    fsdp_config = getattr(args, "fsdp_config", None) or {}
+    version = int(plugin_args.get("fsdp_version", fsdp_config.get("version", fsdp_config.get("fsdp_version", 2))))
+    if version != 2:
         raise LoSparseUsageError(
-            "--fsdp is not supported yet: FSDP shards gradients before the pruner's importance update; "
-            "use plain DDP (accelerate launch / torchrun)"
+            f"--fsdp with fsdp_version {version} is not supported: FSDP1 flattens S into one FlatParameter, so no "
+            "rank holds whole rows of it; use fsdp_config {\"fsdp_version\": 2} (FSDP2), or plain DDP"
         )
+    if getattr(args, "use_cpu", False) or not _has_accelerator(args):
+        raise LoSparseUsageError(
+            "--fsdp is not supported on CPU: accelerate applies FSDP only on GPUs/accelerators and on CPU would "
+            "silently train with DDP; drop --fsdp (torchrun ... --use_cpu true runs DDP) or run FSDP2 on GPUs"
+        )
+    if config is None:
+        raise LoSparseUsageError(
+            "--fsdp is not supported by this trainer: only LoSparse pruning (LoSparseTrainer) has a sharded "
+            "importance; use plain DDP (accelerate launch / torchrun)"
+        )
+    from .sharding import check_fsdp_config
+
+    check_fsdp_config(config)
+
+
+def _has_accelerator(args: Any) -> bool:
+    """Whether the run's device is not the CPU (`args.device`, else whether CUDA is visible)."""
+    device = getattr(args, "device", None)
+    if device is not None and hasattr(device, "type"):
+        return device.type != "cpu"
+    import torch
+
+    return torch.cuda.is_available()
 
 
 class LoSparseCallback(TrainerCallback):
@@ -81,7 +118,7 @@ class LoSparseCallback(TrainerCallback):
             check_same_compression(self.resume_from, self.config, max_steps=state.max_steps,
                                    allow_change=self.allow_config_change)
         if self.pruner is None:
-            self.pruner = LoSparsePruner(self.model, total_steps=state.max_steps, config=self.config)
+            self.pruner = build_pruner(self.model, total_steps=state.max_steps, config=self.config)
             schedule = self.pruner.schedule
             logger.info(
                 "LoSparse: %d layers, %d optimizer steps, pruning from step %d to %d down to %.4f of S "
@@ -181,7 +218,7 @@ class LoSparseTrainerMixin:
                 "the model has no LoSparse layers: call losparse.apply(model, config) first, or pass "
                 "losparse_config=..."
             )
-        check_training_backend(args)
+        check_training_backend(args, config)
         declare_loss_kwargs(model)
         super().__init__(model=model, args=args, **kwargs)
         self.losparse_callback = LoSparseCallback(model, config, allow_config_change=allow_resume_config_change)

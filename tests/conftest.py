@@ -15,6 +15,11 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# Without a GPU, triton kernels can only run through its interpreter, and triton reads the switch when it is
+# first imported (any test module may import it first, e.g. through losparse.dispatch): set it for the session.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @functools.lru_cache(maxsize=None)
 def load_script(path: str) -> ModuleType:

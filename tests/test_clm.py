@@ -315,3 +315,16 @@ def test_gpt2_gets_the_causal_loss_type_so_the_trainer_counts_shifted_labels(tin
     declare_loss_kwargs(gpt2)
     declare_loss_kwargs(llama)
     assert gpt2.loss_type == "ForCausalLM" and llama.loss_type == "ForCausalLM"
+
+
+@pytest.mark.parametrize("model", ["llama", "gpt2"])
+def test_lpaf_compresses_a_causal_lm_to_pure_low_rank(model, tiny_llama_dir, tiny_gpt2_dir, data_files, tmp_path):
+    model_dir = tiny_llama_dir if model == "llama" else tiny_gpt2_dir
+    output_dir = tmp_path / f"lpaf-{model}"
+    results = run_clm.main(_argv(model_dir, data_files, output_dir, "--method", "lpaf", "--remaining_ratio", "0.5",
+                                 "--num_train_epochs", "2"))
+    on_disk = _check_run(model_dir, data_files, output_dir, results, compressed=True)
+    report = on_disk["compression"]
+    assert on_disk["method"] == "lpaf" and report["sparse_share"] == 0.0
+    slack = sum(layer["in_features"] + layer["out_features"] for layer in report["layers"])
+    assert abs(report["target_params"] - 0.5 * report["target_dense_params"]) <= slack

@@ -456,7 +456,8 @@ def test_the_driver_uses_the_trainers_completeness_rule() -> None:
 
     driver = _load_driver()
     assert driver.missing_files is __import__("losparse.checkpoint", fromlist=["missing_files"]).missing_files
-    assert set(driver.PRUNER_METHODS) == {name for name, spec in METHOD_SPECS.items() if spec.decomposes}
+    assert set(driver.PRUNER_METHODS) == {name for name, spec in METHOD_SPECS.items()
+                                          if spec.decomposes or spec.prunes_structures}
     done = subprocess.run([sys.executable, "-c", "import sys, losparse.checkpoint; assert 'torch' not in sys.modules"],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

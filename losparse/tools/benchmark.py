@@ -361,7 +361,8 @@ class LinearCostCounter:
 
     def _hook(self, module: nn.Module, inputs: tuple, output: Any) -> None:
         x = inputs[0]
-        flops, nbytes = linear_cost(module, x.numel() // module.in_features, x.element_size())
+        # rows of x from its shape: a layer with every input pruned (in_features 0) still has rows
+        flops, nbytes = linear_cost(module, x.shape[:-1].numel(), x.element_size())
         self.flops += flops
         self.bytes += nbytes
         self.calls += 1

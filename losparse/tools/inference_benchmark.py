@@ -19,6 +19,13 @@ Workloads: encoders (bert-base, deberta-v3-base): one forward of batch × seq. b
 tokens. llama-7b-layer: prefill (a forward over batch × seq, last-token logits) and batch-1 decode
 (tokens/s from generate with --max_new_tokens minus generate with 1 new token).
 
+--peers adds two like-sized models to the interleaved timing (BERT-family encoders): "structured"
+(whole heads and FFN neurons removed) and "lowrank" (method lowrank, compacted), both at the compact
+model's achieved ratio (`losparse.tools.peers`); each table row then also gives their latency and
+their time over the compact model's. --sweep times every --sweep_batch_sizes × --sweep_seq_lens
+shape (default 1/8/32 × 128/512; decoders: prefill and decode at each), and --plot PATH draws the
+speed-up over dense vs tokens per call.
+
 Beside each time the floor is printed: over all linear layers, FLOP floor = FLOPs / --peak_tflops,
 byte floor = (read x + write y once + read the weights) / --peak_gbps; the floor is the larger. The
 defaults are GPU numbers (800 TFLOP/s, 3000 GB/s) on CUDA; on a CPU the floor is n/a unless both
@@ -65,9 +72,12 @@ from .benchmark import (
     threads_flag_error,
     timing_line,
 )
+from .peers import PeerOutputsNotFinite, build_peers, check_peer_outputs, check_peers_supported, peer_target_params
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("eager", "compile", "cudagraphs")
+#: the models a run may time, in table order (the last two only with --peers)
+MODEL_NAMES = ("dense", "compact", "structured", "lowrank")
 MODE_ALIASES = {"both": ("eager", "compile"), "all": MODES}
 #: relative tolerance (max |dense − compact| / max |dense| over logits and last hidden states)
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 8e-2, torch.float16: 2e-2}
@@ -106,6 +116,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_timing_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--peers", action="store_true",
+                        help="also time a structured (heads + FFN neurons removed) and a low-rank (method lowrank) "
+                             "model of the compact model's size; BERT-family encoders only (see losparse.tools.peers)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="time every --sweep_batch_sizes x --sweep_seq_lens shape instead of --batch_size x "
+                             "--seq_len (decoders: prefill and decode at each)")
+    parser.add_argument("--sweep_batch_sizes", default="1,8,32", help="--sweep: comma-separated batch sizes")
+    parser.add_argument("--sweep_seq_lens", default="128,512", help="--sweep: comma-separated sequence lengths")
+    parser.add_argument("--plot", default=None, help="--sweep: write a PNG of speed-up vs tokens per call here")
+    parser.add_argument("--contiguous", action="store_true",
+                        help="permute FFN neurons so kept S rows form one block (losparse.make_contiguous) before timing")
+    parser.add_argument("--optimize", action="store_true",
+                        help="let losparse.optimize pick each layer's fastest exact form (compact / dense / triton) at "
+                             "the --batch_size x --seq_len shape before timing")
     return parser
 
 
@@ -147,6 +171,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         args.beams = [int(b) for b in args.num_beams.split(",") if b.strip()]
     except ValueError:
         parser.error(f"--num_beams {args.num_beams!r} is not a comma-separated list of integers")
+    args.sweep_shapes = _sweep_shapes(parser, args)
     for name in ("batch_size", "seq_len", "tgt_len", "max_new_tokens", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
@@ -155,6 +180,23 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if not 0.0 < args.low_rank_ratio < args.remaining_ratio <= 1.0:
         parser.error("need 0 < --low_rank_ratio < --remaining_ratio <= 1")
     return args
+
+
+def _sweep_shapes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[tuple[int, int]]:
+    """(batch, seq) pairs of --sweep; --plot without --sweep is an error."""
+    if args.plot and not args.sweep:
+        parser.error("--plot draws the --sweep; add --sweep")
+    if not args.sweep:
+        return []
+    values = {}
+    for name in ("sweep_batch_sizes", "sweep_seq_lens"):
+        try:
+            values[name] = [int(v) for v in getattr(args, name).split(",") if v.strip()]
+        except ValueError:
+            values[name] = []
+        if not values[name] or min(values[name]) < 1:
+            parser.error(f"--{name} {getattr(args, name)!r} is not a comma-separated list of integers >= 1")
+    return [(b, n) for b in values["sweep_batch_sizes"] for n in values["sweep_seq_lens"]]
 
 
 def _modes(parser: argparse.ArgumentParser, mode_text: str, cuda: bool) -> list[str]:
@@ -217,6 +259,22 @@ def build_pair(args: argparse.Namespace, device: torch.device) -> tuple[Any, Any
     info["report"] = {k: v for k, v in report.items() if k != "layers"}
     dense = losparse.merge(copy.deepcopy(compact)).eval()
     return dense, compact, kind, info
+
+
+def prepare_compact(args: argparse.Namespace, compact: Any, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """--contiguous / --optimize on the compact model (both exact: the output check that follows still holds)."""
+    done: dict[str, Any] = {}
+    if args.contiguous:
+        report = losparse.make_contiguous(compact)
+        done["contiguous"] = {"contiguous_layers": len(report.get("contiguous_layers", [])),
+                              "indexed_layers": len(report.get("indexed_layers", []))}
+        print(f"contiguous: {done['contiguous']['contiguous_layers']} layers slice, "
+              f"{done['contiguous']['indexed_layers']} keep the indexed add", file=sys.stderr)
+    if args.optimize:
+        report = losparse.optimize(compact, inputs)
+        done["optimize"] = {"chosen": report["chosen"], "extra_params": report["total_extra_params"]}
+        print(losparse.format_optimize_report(report), file=sys.stderr)
+    return done
 
 
 def compare(dense: Any, compact: Any, inputs: dict[str, torch.Tensor], kind: str) -> dict[str, Any]:
@@ -325,7 +383,7 @@ def run_workload(args: argparse.Namespace, workload: Workload, mode: str, models
                  compiled: dict[str, Any], costs: dict[tuple[str, str], tuple[float, float]],
                  device: torch.device, tolerance: float) -> dict[str, Any]:
     cuda = device.type == "cuda"
-    fns = {name: workload.make(models[name], compiled[name], mode) for name in ("dense", "compact")}
+    fns = {name: workload.make(models[name], compiled[name], mode) for name in models}
     record: dict[str, Any] = {"mode": mode, "workload": workload.name, "tokens_per_call": workload.tokens}
     warmup = args.warmup
     # First call of each model: eager cost count (linear FLOPs/bytes), output check; counts as warm-up.
@@ -354,7 +412,7 @@ def run_workload(args: argparse.Namespace, workload: Workload, mode: str, models
     load_before = load_average()
     stats = interleaved_latency_ms(fns, warmup=warmup, repeats=args.repeats, max_seconds=args.max_seconds, cuda=cuda)
     verdict = judge_timing({name: s["times_ms"] for name, s in stats.items()}, load_before, load_average())
-    for name in ("dense", "compact"):
+    for name in models:
         s = stats[name]
         record[f"{name}_ms"] = s["median_ms"]
         record[f"{name}_stats"] = {k: v for k, v in s.items() if k != "median_ms"}
@@ -375,6 +433,9 @@ def run_workload(args: argparse.Namespace, workload: Workload, mode: str, models
         else:
             record[f"{name}_peak_mem_mb"] = module_bytes(models[name]) / 2**20
     record["speedup"] = record["dense_ms"] / record["compact_ms"]
+    for name in models:
+        if name not in ("dense", "compact"):
+            record[f"speedup_vs_{name}"] = record[f"{name}_ms"] / record["compact_ms"]
     record["load_avg"] = machine_load()["load_avg_1_5_15"]
     record.update(verdict.fields())
     return record
@@ -389,7 +450,8 @@ def decode_record(records: list[dict[str, Any]], mode: str, new_tokens: int) -> 
     record: dict[str, Any] = {"mode": mode, "workload": "decode", "tokens_per_call": 1,
                               "derived_from": ["generate_new1", f"generate_new{new_tokens}"]}
     steps = new_tokens - 1
-    for name in ("dense", "compact"):
+    names = [name for name in MODEL_NAMES if f"{name}_ms" in many]
+    for name in names:
         record[f"{name}_ms"] = (many[f"{name}_ms"] - one[f"{name}_ms"]) / steps
         record[f"{name}_tokens_per_s"] = 1e3 / record[f"{name}_ms"] if record[f"{name}_ms"] > 0 else None
         for key in ("linear_gflops", "linear_gbytes"):
@@ -398,6 +460,8 @@ def decode_record(records: list[dict[str, Any]], mode: str, new_tokens: int) -> 
         record[f"{name}_floor_ms"] = None if floor_one is None else (floor_many - floor_one) / steps
         record[f"{name}_peak_mem_mb"] = many[f"{name}_peak_mem_mb"]
     record["speedup"] = record["dense_ms"] / record["compact_ms"] if record["compact_ms"] > 0 else None
+    for name in names[2:]:
+        record[f"speedup_vs_{name}"] = record[f"{name}_ms"] / record["compact_ms"] if record["compact_ms"] > 0 else None
     record["tokens_agree"] = many.get("tokens_agree")
     record["load_avg"] = many["load_avg"]
     record.update(combine_verdicts({"generate_new1": TimingVerdict.from_fields(one),
@@ -445,7 +509,7 @@ def format_tables(result: dict[str, Any]) -> str:
     ]
     for r in result["results"]:
         if "error" in r:
-            lines.append(f"| {r['mode']} | {r['workload']} | failed: {r['error'][:80]} | | | | | | |")
+            lines.append(f"| {r['mode']} | {_workload_label(r)} | failed: {r['error'][:80]} | | | | | | |")
             continue
         load = r.get("load_avg")
         if r.get("max_rel_diff") is not None:
@@ -455,7 +519,7 @@ def format_tables(result: dict[str, Any]) -> str:
         else:
             check = ""
         lines.append(
-            f"| {r['mode']} | {r['workload']} | {_fmt(r['dense_ms'])} ({_fmt(r['dense_floor_ms'], 3)}) | "
+            f"| {r['mode']} | {_workload_label(r)} | {_fmt(r['dense_ms'])} ({_fmt(r['dense_floor_ms'], 3)}) | "
             f"{_fmt(r['compact_ms'])} ({_fmt(r['compact_floor_ms'], 3)}) | {speedup_cell(r)} | "
             f"{_fmt(r['dense_tokens_per_s'], 1)} | {_fmt(r['compact_tokens_per_s'], 1)} | {check} | "
             f"{_fmt(load[0] if load else None)} |"
@@ -478,7 +542,96 @@ def format_tables(result: dict[str, Any]) -> str:
         timing_line(TimingVerdict.from_fields(result)),
         machine_line(result),
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + peer_lines(result))
+
+
+def _workload_label(record: dict[str, Any]) -> str:
+    """The workload's name, with its shape in a --sweep."""
+    if "sweep_batch_size" in record:
+        return f"{record['workload']} {record['sweep_batch_size']}×{record['sweep_seq_len']}"
+    return record["workload"]
+
+
+def peer_lines(result: dict[str, Any]) -> list[str]:
+    """With --peers: each peer's latency and the compact model's speed-up over it, then their sizes."""
+    names = list(result.get("peers", {}))
+    if not names:
+        return []
+    lines = ["", "| mode | workload | compact ms | " + " | ".join(f"{n} ms | {n} / compact" for n in names) + " |",
+             "|---|---|---|" + "---|---|" * len(names)]
+    for r in result["results"]:
+        if "error" in r:
+            continue
+        cells = " | ".join(f"{_fmt(r[f'{n}_ms'])} | {_fmt(r[f'speedup_vs_{n}'])}×" for n in names)
+        lines.append(f"| {r['mode']} | {_workload_label(r)} | {_fmt(r['compact_ms'])} | {cells} |")
+    lines += ["", "| peer | params | targeted-matrix params | remaining ratio | weights MB | outputs |",
+              "|---|---|---|---|---|---|"]
+    for name, p in result["peers"].items():
+        lines.append(f"| {name} | {p['params'] / 1e6:.2f}M | {p['target_params'] / 1e6:.2f}M | "
+                     f"{p['remaining_ratio']:.4f} | {p['weight_mb']:,.1f} | finite (max |logit| "
+                     f"{p['output_check']['output_scale']:.3g}) |")
+    return lines
+
+
+def peer_fields(peers: dict[str, Any], checks: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    """What each peer is: parameters, targeted-matrix parameters and ratio, weight size, its output check."""
+    fields = {}
+    for name, model in peers.items():
+        target = peer_target_params(name, model)
+        fields[name] = {"params": parameter_count(model), "target_params": target,
+                        "remaining_ratio": target / result["dense_target_params"],
+                        "target_params_minus_compact": target - result["compact_target_params"],
+                        "weight_mb": module_bytes(model) / 2**20, "output_check": checks[name]}
+    return fields
+
+
+def sweep_workloads(args: argparse.Namespace, kind: str, models: dict[str, Any], device: torch.device,
+                    tolerance: float) -> tuple[list[dict[str, Any]], bool]:
+    """`time_workloads` at every --sweep shape; each record gets sweep_batch_size and sweep_seq_len."""
+    records: list[dict[str, Any]] = []
+    failed = False
+    for batch, seq in args.sweep_shapes:
+        inputs = random_inputs(models["compact"], kind, batch, seq, args.tgt_len, seed=args.seed)
+        shape_records, shape_failed = time_workloads(args, kind, models, inputs, device, tolerance)
+        for record in shape_records:
+            record.update(sweep_batch_size=batch, sweep_seq_len=seq)
+        records += shape_records
+        failed = failed or shape_failed
+    return records, failed
+
+
+def plot_sweep(result: dict[str, Any], path: str) -> str:
+    """PNG: speed-up over dense (dense ms / model ms) vs tokens per call, one line per mode and model.
+
+    Forward / prefill records are drawn against batch × seq tokens; decode records (batch-1, one token)
+    in a second panel against the prompt length.
+    """
+    from .plots import _figure, _save
+
+    records = [r for r in result["results"] if "error" not in r and "sweep_batch_size" in r]
+    decode = [r for r in records if r["workload"] == "decode"]
+    forward = [r for r in records if r["workload"] in ("forward", "prefill")]
+    panels = [("tokens per call (batch × seq)", forward, "tokens_per_call")]
+    if decode:
+        panels.append(("prompt length (batch-1 decode)", decode, "sweep_seq_len"))
+    fig, axes = _figure(figsize=(6.0 * len(panels), 4.0), ncols=len(panels))
+    names = [n for n in MODEL_NAMES[1:] if any(f"{n}_ms" in r for r in records)]
+    for ax, (xlabel, rows, xkey) in zip(axes[0], panels):
+        for mode in dict.fromkeys(r["mode"] for r in rows):
+            for name in names:
+                points = sorted((r[xkey], r["dense_ms"] / r[f"{name}_ms"]) for r in rows
+                                if r["mode"] == mode and r.get(f"{name}_ms"))
+                if points:
+                    ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=f"{name} ({mode})")
+        ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("speed-up over dense (×)")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    axes[0][0].set_title(f"{result['arch'] or result['model']} — {result['device']} {result['dtype']}, "
+                         f"ratio {result['achieved_remaining_ratio']:.3f}", fontsize=9)
+    return _save(fig, path)
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -598,6 +751,8 @@ def add_headline(result: dict[str, Any], records: list[dict[str, Any]]) -> None:
         for key in ("dense_ms", "compact_ms", "speedup", "dense_floor_ms", "compact_floor_ms",
                     "dense_peak_mem_mb", "compact_peak_mem_mb"):
             result[key] = first[key]
+        for name in result.get("peers", {}):
+            result[f"{name}_ms"], result[f"speedup_vs_{name}"] = first[f"{name}_ms"], first[f"speedup_vs_{name}"]
         result["headline"] = f"{first['mode']}/{first['workload']}"
     # Unreliable if the timings of any workload are (the headline is the first); decode is derived
     # from two generate records, which are in it already.
@@ -628,17 +783,30 @@ def main(argv: Optional[list[str]] = None, wall_started: Optional[float] = None)
         args.peak_tflops, args.peak_gbps = measure_peaks(device, dtype)
         print(f"measured peaks: {args.peak_tflops:.3f} TFLOP/s, {args.peak_gbps:.1f} GB/s", file=sys.stderr)
     tolerance = args.tolerance if args.tolerance is not None else TOLERANCE[dtype]
+    peers: dict[str, Any] = {}
     try:
+        if args.peers and args.arch:
+            check_peers_supported(ARCHS[args.arch].config(args.num_layers))
         dense, compact, kind, info = build_pair(args, device)
+        if args.peers:
+            peers = build_peers(dense, compact, seed=args.seed, svd_solver=args.svd_solver)
     except losparse.LoSparseUsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     inputs = random_inputs(compact, kind, args.batch_size, args.seq_len, args.tgt_len, seed=args.seed)
+    engineering = prepare_compact(args, compact, inputs)
     models = {"dense": dense, "compact": compact}
     try:
+        peer_checks = check_peer_outputs(peers, inputs)
         fp32_check, dtype_check = check_outputs(args, dense, compact, inputs, kind, dtype, tolerance)
-        records, failed = time_workloads(args, kind, models, inputs, device, tolerance)
-    except OutputsDisagree as exc:
+        for peer in peers.values():
+            peer.to(dtype)
+        models.update(peers)
+        if args.sweep:
+            records, failed = sweep_workloads(args, kind, models, device, tolerance)
+        else:
+            records, failed = time_workloads(args, kind, models, inputs, device, tolerance)
+    except (OutputsDisagree, PeerOutputsNotFinite) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     result = {**model_fields(args, info, kind, dense, compact, device),
@@ -647,9 +815,19 @@ def main(argv: Optional[list[str]] = None, wall_started: Optional[float] = None)
               "repeats": args.repeats, "warmup": args.warmup}
     if "note" in info:
         result["note"] = info["note"]
+    result.update(engineering)
+    if peers:
+        result["peers"] = peer_fields(peers, peer_checks, result)
+    if args.sweep:
+        result["sweep_shapes"] = [list(shape) for shape in args.sweep_shapes]
+        result["batch_size"] = sorted({b for b, _ in args.sweep_shapes})
+        result["seq_len"] = sorted({n for _, n in args.sweep_shapes})
     add_headline(result, records)
     result.update(environment_record(environment, "scripts/benchmark_inference.py", argv, wall_started))
     print(format_tables(result))
     if args.json:
         write_json(args.json, result)
+    if args.plot:
+        result["plot"] = plot_sweep(result, args.plot)
+        print(f"plot: {result['plot']}", file=sys.stderr)
     return 3 if failed else 0

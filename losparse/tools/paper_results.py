@@ -66,6 +66,8 @@ METHOD_LABELS: dict[str, str] = {
     "movement": "Movement",
     "lowrank": "Low-rank I",
     "lowrank_prune_all": "Low-rank II",
+    "lpaf": "LPAF",
+    "structured": "Structured (heads, FFN)",
     "lead3": "Lead-3",
 }
 

@@ -62,9 +62,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 DEFAULT_SEED = 42
 RESULTS_FILE = "all_results.json"
 
-#: methods whose runs decompose the model and train with the LoSparse pruner, so whose checkpoints
-#: must hold its state (losparse/methods.py: `decomposes`); finetune (and distillation stages) do not.
-PRUNER_METHODS = ("losparse", "itp", "movement", "lowrank", "lowrank_prune_all")
+#: methods whose runs train with a pruner (the LoSparse one, or the structured one), so whose checkpoints
+#: must hold its state (losparse/methods.py: `decomposes` or `prunes_structures`); finetune (and
+#: distillation stages) do not.
+PRUNER_METHODS = ("losparse", "itp", "movement", "lowrank", "lowrank_prune_all", "lpaf", "structured")
 
 GLUE_DEBERTA = "configs/glue/deberta-v3-base.yaml"
 GLUE_BERT = "configs/glue/bert-base-uncased.yaml"
@@ -75,6 +76,8 @@ SUM_CNN = "configs/summarization/bart-large-cnn.yaml"
 DISTILL_DEBERTA = "configs/distillation/deberta-v3-base.yaml"
 DISTILL_BERT = "configs/distillation/bert-base-uncased.yaml"
 QUICKSTART = "configs/quickstart/minilm-movie-sentiment.yaml"
+LPAF_GLUE_BERT = "configs/lpaf/bert-base-uncased-glue.yaml"
+LPAF_SQUAD_BERT = "configs/lpaf/bert-base-uncased-squad.yaml"
 
 RUN_GLUE, RUN_SQUAD, RUN_SUM = "run_glue.py", "run_squad.py", "run_summarization.py"
 
@@ -84,6 +87,8 @@ FIGURE6_RATIOS = (0.2, 0.1)              # Figure 6: remaining ratios of the all
 FIGURE6_LOW_RANK_RATIOS = (0.01, 0.02, 0.03, 0.05, 0.1, 0.15)
 CLAIM_METHODS = ("itp", "movement", "losparse")  # plus one finetune cell per model and seed
 CLAIM_RATIOS = (0.2, 0.15, 0.1)
+LPAF_CHECK_METHODS = ("lpaf", "losparse", "lowrank")  # LPAF vs LoSparse vs Low-rank I (plain SVD factorisation)
+LPAF_CHECK_RATIOS = (0.2, 0.1)
 
 #: table -> (the `--table` id of `python -m losparse.report` (1-5, claim or all), description for --help)
 TABLES = {
@@ -102,6 +107,10 @@ TABLES = {
                            "tables' ratios"),
     "figure6": ("all", "Low-rank/sparse allocation (Figure 6): MNLI and RTE, ratios 0.2 and 0.1, "
                            "low_rank_ratio in 0.01..0.15 (below the ratio)"),
+    "lpaf": ("all", "LPAF beside LoSparse on the same cells: BERT-base GLUE (Table 2: MNLI, RTE, QNLI x 20/15/10%) "
+                    "and SQuAD (Table 3's BERT rows), LPAF with configs/lpaf/*, LoSparse/finetune cells are Table 2/3's"),
+    "lpaf_check": ("claim", "LPAF real-data check: --model_dirs (default the quickstart MiniLM) on local CSVs (default "
+                            "the movie snippets): {lpaf, losparse, lowrank} x 0.2/0.1 + finetune, one seed each"),
     "claim": ("claim", "Real-weights check: --model_dirs (default the quickstart MiniLM) on local CSVs "
                        "(default the quickstart movie sentiment), {finetune, itp, movement, losparse} x 0.2/0.15/0.1"),
 }
@@ -432,7 +441,25 @@ def figure6(opts: Options) -> list[Cell]:
     return cells
 
 
-def claim(opts: Options) -> list[Cell]:
+def lpaf_table(opts: Options) -> list[Cell]:
+    """LPAF on every LoSparse cell of Table 2 and of Table 3's BERT rows; those tables' own cells are reused."""
+    cells = []
+    for base_table, script, losparse_config, lpaf_config, dataset in (
+            ("table2", RUN_GLUE, GLUE_BERT, LPAF_GLUE_BERT, False),
+            ("table3", RUN_SQUAD, SQUAD_BERT, LPAF_SQUAD_BERT, True)):
+        for task in config_tasks(lpaf_config):
+            dataset_name = task if dataset else None
+            for seed in opts.seeds:
+                cells.append(finetune_cell(base_table, script, losparse_config, task, seed, dataset_name))
+                for ratio in config_ratios(lpaf_config, task):
+                    cells.append(cell(table=base_table, script=script, config=losparse_config, task=task,
+                                      method="losparse", ratio=ratio, seed=seed, dataset_name=dataset_name))
+                    cells.append(cell(table="lpaf", script=script, config=lpaf_config, task=task, method="lpaf",
+                                      ratio=ratio, seed=seed, dataset_name=dataset_name))
+    return cells
+
+
+def claim(opts: Options, methods: Sequence[str] = CLAIM_METHODS, ratios: Sequence[float] = CLAIM_RATIOS) -> list[Cell]:
     """Real pretrained weights on real local data: does LoSparse beat ITP and movement?"""
     labels = [model_label(d) for d in opts.model_dirs]
     if len(set(labels)) != len(labels):
@@ -446,13 +473,18 @@ def claim(opts: Options) -> list[Cell]:
         for seed in opts.seeds:
             cells.append(cell(method="finetune", ratio=None, seed=seed, name=cell_name("finetune", 1.0, seed),
                               **common))
-            cells += [cell(method=m, ratio=r, seed=seed, **common) for r in CLAIM_RATIOS for m in CLAIM_METHODS]
+            cells += [cell(method=m, ratio=r, seed=seed, **common) for r in ratios for m in methods]
     return cells
+
+
+def lpaf_check(opts: Options) -> list[Cell]:
+    """LPAF vs LoSparse vs Low-rank I on the claim's real model and data (the LoSparse cells are the claim's own)."""
+    return claim(opts, methods=LPAF_CHECK_METHODS, ratios=LPAF_CHECK_RATIOS)
 
 
 BUILDERS: dict[str, Callable[[Options], list[Cell]]] = {
     "table1": table1, "table2": table2, "table3": table3, "table4": table4, "table5": table5, "table6": table6,
-    "figure5": figure5, "figure6": figure6, "claim": claim,
+    "figure5": figure5, "figure6": figure6, "claim": claim, "lpaf": lpaf_table, "lpaf_check": lpaf_check,
 }
 
 
@@ -856,7 +888,7 @@ def main(argv: Optional[Sequence[str]] = None, repo: Optional[str] = None) -> in
     if repo is not None:
         use_checkout(repo)
     args = parse_args(argv)
-    if args.table == "claim":
+    if args.table in ("claim", "lpaf_check"):
         claim_inputs(args, args.dry_run)
     opts = options(args)
     warn = Warnings()

@@ -41,7 +41,8 @@ QUALITY_METRICS = FRACTION_METRICS | PERCENT_METRICS
 #: Order in which metrics are listed in generic tables and plots.
 METRIC_ORDER = ("accuracy", "mismatched_accuracy", "exact_match", "f1", "matthews_correlation", "pearson",
                 "spearmanr", "combined_score", "rouge1", "rouge2", "rougeL", "rougeLsum")
-METHOD_ORDER = ("finetune", "lead3", "losparse", "itp", "movement", "lowrank", "lowrank_prune_all")
+METHOD_ORDER = ("finetune", "lead3", "losparse", "lpaf", "itp", "movement", "structured", "lowrank",
+                "lowrank_prune_all")
 
 
 # --------------------------------------------------------------------------------------------- collecting
