@@ -38,13 +38,13 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
 
-from .checkpoint import PRUNER_META_FILE, PRUNER_STATE_FILE, check_same_compression
+from .checkpoint import PRUNER_META_FILE, PRUNER_STATE_FILE
 from .config import LoSparseConfig
 from .errors import LoSparseUsageError
 from .families import family_of
 from .schedule import CubicSchedule, resolve_steps
+from .trainer import LoSparseCallback, check_training_backend, declare_loss_kwargs, refuse_positional
 
 logger = logging.getLogger(__name__)
 
@@ -535,29 +535,20 @@ def build_structured_peer(dense_model: nn.Module, kept_fraction: float, scores: 
 # --------------------------------------------------------------------------------------------- trainer
 
 
-class StructuredCallback(TrainerCallback):
-    """Runs `StructuredPruner.step` once per optimizer step; restores its state when a run resumes."""
+class StructuredCallback(LoSparseCallback):
+    """`LoSparseCallback` (config check and pruner state on resume, one step per optimizer step) with the
+    `StructuredPruner`."""
 
-    def __init__(self, model: nn.Module, config: LoSparseConfig, allow_config_change: bool = False) -> None:
-        self.model, self.config, self.allow_config_change = model, config, allow_config_change
-        self.pruner: Optional[StructuredPruner] = None
-        self.resume_from: Optional[str] = None
+    pruner_name = "structured"
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        if self.resume_from is not None:
-            check_same_compression(self.resume_from, self.config, max_steps=state.max_steps,
-                                   allow_change=self.allow_config_change)
-        if self.pruner is None:
-            self.pruner = StructuredPruner(self.model, total_steps=state.max_steps, config=self.config)
-            s = self.pruner.schedule
-            logger.info("structured: %d layers, %d groups, pruning heads and FFN neurons from step %d to %d "
-                        "down to %.4f of the targeted weights", len(self.pruner.blocks),
-                        self.pruner.sizes.numel(), s.warmup_steps, s.decay_end, self.config.remaining_ratio)
-        if self.resume_from is not None and not self.pruner.load(self.resume_from):
-            raise LoSparseUsageError(f"checkpoint {self.resume_from} holds no structured pruner state")
+    def make_pruner(self, total_steps: int) -> "StructuredPruner":
+        return StructuredPruner(self.model, total_steps=total_steps, config=self.config)
 
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        self.pruner.step(state.global_step + 1)
+    def log_plan(self) -> None:
+        s = self.pruner.schedule
+        logger.info("structured: %d layers, %d groups, pruning heads and FFN neurons from step %d to %d "
+                    "down to %.4f of the targeted weights", len(self.pruner.blocks),
+                    self.pruner.sizes.numel(), s.warmup_steps, s.decay_end, self.config.remaining_ratio)
 
 
 class StructuredTrainerMixin:
@@ -570,8 +561,6 @@ class StructuredTrainerMixin:
     def __init__(self, *positional: Any, model: Any = None, args: Any = None,
                  structured_config: Optional[LoSparseConfig] = None, allow_resume_config_change: bool = False,
                  **kwargs: Any) -> None:
-        from .trainer import check_training_backend, declare_loss_kwargs, refuse_positional
-
         refuse_positional(type(self), positional)
         if model is None or structured_config is None:
             raise LoSparseUsageError(f"{type(self).__name__} needs model= and structured_config=")

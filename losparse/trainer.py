@@ -118,19 +118,30 @@ class LoSparseCallback(TrainerCallback):
             check_same_compression(self.resume_from, self.config, max_steps=state.max_steps,
                                    allow_change=self.allow_config_change)
         if self.pruner is None:
-            self.pruner = build_pruner(self.model, total_steps=state.max_steps, config=self.config)
-            schedule = self.pruner.schedule
-            logger.info(
-                "LoSparse: %d layers, %d optimizer steps, pruning from step %d to %d down to %.4f of S "
-                "(low-rank share %.4f, remaining ratio %.4f)",
-                len(self.pruner.layers), schedule.total_steps, schedule.warmup_steps, schedule.decay_end,
-                self.pruner.final_kept_fraction, self.config.remaining_ratio - self.pruner.final_kept_fraction,
-                self.config.remaining_ratio,
-            )
+            self.pruner = self.make_pruner(state.max_steps)
+            self.log_plan()
         if self.resume_from is not None:
             if not self.pruner.load(self.resume_from):
-                raise LoSparseUsageError(f"checkpoint {self.resume_from} holds no LoSparse pruner state")
-            logger.info("LoSparse: resumed pruner state from %s (step %d)", self.resume_from, self.pruner.last_step)
+                raise LoSparseUsageError(f"checkpoint {self.resume_from} holds no {self.pruner_name} pruner state")
+            logger.info("%s: resumed pruner state from %s (step %d)", self.pruner_name, self.resume_from,
+                        self.pruner.last_step)
+
+    #: how logs and errors name the pruner
+    pruner_name = "LoSparse"
+
+    def make_pruner(self, total_steps: int) -> Any:
+        """The pruner of the run (subclasses: another pruner with the same step/save/load interface)."""
+        return build_pruner(self.model, total_steps=total_steps, config=self.config)
+
+    def log_plan(self) -> None:
+        schedule = self.pruner.schedule
+        logger.info(
+            "LoSparse: %d layers, %d optimizer steps, pruning from step %d to %d down to %.4f of S "
+            "(low-rank share %.4f, remaining ratio %.4f)",
+            len(self.pruner.layers), schedule.total_steps, schedule.warmup_steps, schedule.decay_end,
+            self.pruner.final_kept_fraction, self.config.remaining_ratio - self.pruner.final_kept_fraction,
+            self.config.remaining_ratio,
+        )
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.pruner.step(state.global_step + 1)
