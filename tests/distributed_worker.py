@@ -68,3 +68,10 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        # A clean shutdown: gloo's threads torn down at interpreter exit can abort the process
+        # ("terminate called without an active exception") after all the work is done.
+        dist.barrier()
+        dist.destroy_process_group()
