@@ -53,6 +53,19 @@ def allocate_ranks(shapes: list[tuple[int, int]], share: float) -> list[int]:
 RANDOMIZED_SVD_MIN_DIM = 2048
 
 
+def plan_ranks(shapes: list[tuple[int, int]], config: LoSparseConfig) -> list[int]:
+    """The rank of U·V per target matrix (out, in), as `apply` gives them: `allocate_ranks` over the whole budget
+    for the low-rank methods, ceil(r·out·in/(out+in)) per layer for `low_rank_ratio`, 0 without a low-rank part.
+    (LPAF's factor slots are then widened to `lpaf_max_ranks`.)"""
+    spec = config.method_spec
+    share = rank_ratio(spec, config.remaining_ratio, config.low_rank_ratio)
+    if spec.rank_from == "remaining_ratio":
+        return allocate_ranks(shapes, share)
+    if share is not None:
+        return [rank_for_ratio(out_features, in_features, share) for out_features, in_features in shapes]
+    return [0] * len(shapes)
+
+
 def lpaf_max_ranks(shapes: list[tuple[int, int]], target_ranks: list[int], factor: float) -> list[int]:
     """LPAF's largest mixed rank per layer: R = min(ceil(factor·r), min(out, in)) for target rank r."""
     return [min(min(shape), max(rank, math.ceil(factor * rank - 1e-9))) for shape, rank in zip(shapes, target_ranks)]
@@ -189,7 +202,8 @@ def set_submodule(model: nn.Module, name: str, new_module: nn.Module) -> None:
 @torch.no_grad()
 def decompose_linear(linear: nn.Module, low_rank_ratio: Optional[float], prune_dim: str = "rows",
                      has_sparse: bool = True, rank: Optional[int] = None, svd_solver: str = "exact",
-                     svd_device: str = "auto", svd_init: bool = True) -> LoSparseLinear:
+                     svd_device: str = "auto", svd_init: bool = True,
+                     factors: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> LoSparseLinear:
     """Replace-ready `LoSparseLinear` with U·V + S == W, the (out, in) weight of `linear` (to float rounding).
 
     `linear` is an `nn.Linear` or a GPT-2 `Conv1D` (whose stored weight is Wᵀ); the layer computes the
@@ -198,7 +212,8 @@ def decompose_linear(linear: nn.Module, low_rank_ratio: Optional[float], prune_d
     no low-rank part (S = W, for pruning baselines). `has_sparse=False` keeps only U·V (the SVD
     truncation, for low-rank baselines). `svd_solver`, `svd_device`: see `svd_split`.
     `svd_init=False` leaves U and V at zero and S = W (LPAF: the factors are filled in after pruning; while
-    both are zero neither gets a gradient, so they stay inert until then).
+    both are zero neither gets a gradient, so they stay inert until then). `factors`: a precomputed (U, V) of
+    that rank instead of the SVD of W (one-shot's activation-aware split); S = W − U·V all the same.
     """
     weight = dense_weight_of(linear)
     out_features, in_features = weight.shape
@@ -217,8 +232,8 @@ def decompose_linear(linear: nn.Module, low_rank_ratio: Optional[float], prune_d
     )
     work_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     remainder = weight.to(work_dtype)
-    if rank and svd_init:
-        u, v = svd_split(weight, rank, svd_solver, svd_device)
+    if rank and (svd_init or factors is not None):
+        u, v = factors if factors is not None else svd_split(weight, rank, svd_solver, svd_device)
         layer.low_rank_u.copy_(u)
         layer.low_rank_v.copy_(v)
         remainder = remainder - u.to(work_dtype) @ v.to(work_dtype)
@@ -260,10 +275,8 @@ def apply(model: nn.Module, config: LoSparseConfig) -> nn.Module:
     targets = require_targets(model, config)
     svd_device = resolve_svd_device(config.svd_device, targets[0][1].weight.device)
     started = time.perf_counter()
-    ranks: list[Optional[int]] = [None] * len(targets)
     shapes = [dense_features(linear) for _, linear in targets]
-    if spec.rank_from == "remaining_ratio":
-        ranks = allocate_ranks(shapes, share)
+    ranks = plan_ranks(shapes, config)
     prune_dim = config.prune_dim
     if spec.prune_then_factorize:  # LPAF: room for its largest mixed rank, unstructured masks, no SVD yet
         ranks = lpaf_max_ranks(shapes, ranks, config.lpaf_max_rank_factor)

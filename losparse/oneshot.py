@@ -392,40 +392,29 @@ def neuron_scores(sparse: torch.Tensor, prune_dim: str, metric: str,
 def _decompose_with_statistics(linear: nn.Module, rank: int, has_sparse: bool, config: LoSparseConfig,
                                lowrank: str, statistics: Optional[InputStatistics], damping: float,
                                factor_cache: Optional[dict] = None, name: str = "") -> nn.Module:
-    from .layers import LoSparseLinear, dense_features, dense_type_of, dense_weight_of
+    """`decompose.decompose_linear` with the activation-aware (or plain, tall-side) factors of this layer.
 
-    weight = dense_weight_of(linear)
-    out_features, in_features = dense_features(linear)
-    layer = LoSparseLinear(in_features, out_features, rank, bias=linear.bias is not None, has_sparse=has_sparse,
-                           prune_dim=config.prune_dim, device=weight.device, dtype=weight.dtype,
-                           dense_type=dense_type_of(linear))
-    work_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    remainder = weight.to(work_dtype)
+    The factors of each (layer, kind) are cached at the largest rank asked; a smaller rank is their prefix
+    (both factors carry √σ, ordered by σ).
+    """
+    from .decompose import decompose_linear
+    from .layers import dense_weight_of
+
+    factors = None
     if rank:
         cached = factor_cache.get((name, lowrank)) if factor_cache is not None else None
         if cached is not None and cached[0].shape[1] >= rank:
-            u, v = cached[0][:, :rank], cached[1][:rank]  # both factors carry sqrt(sigma): the top-k is a prefix
+            factors = cached[0][:, :rank], cached[1][:rank]
         else:
+            weight = dense_weight_of(linear)
             if lowrank == "activation" and statistics is not None:
-                u, v = activation_aware_split(weight, statistics.second_moment(), rank, damping)
+                factors = activation_aware_split(weight, statistics.second_moment(), rank, damping)
             else:
-                u, v = plain_split(weight, rank, config.svd_solver, config.svd_device)
+                factors = plain_split(weight, rank, config.svd_solver, config.svd_device)
             if factor_cache is not None:
-                factor_cache[(name, lowrank)] = (u, v)
-        layer.low_rank_u.copy_(u)
-        layer.low_rank_v.copy_(v)
-        remainder = remainder - u.to(work_dtype) @ v.to(work_dtype)
-    if has_sparse:
-        layer.sparse.copy_(remainder)
-        layer.sparse.requires_grad_(weight.requires_grad)
-    if linear.bias is not None:
-        layer.bias.copy_(linear.bias)
-    return layer
+                factor_cache[(name, lowrank)] = factors
+    return decompose_linear(linear, None, config.prune_dim, has_sparse=has_sparse, rank=rank, factors=factors)
 
-
-# ---------------------------------------------------------------------------------------------
-# The model
-# ---------------------------------------------------------------------------------------------
 
 def check_oneshot_method(config: LoSparseConfig) -> None:
     """One-shot builds U·V and/or a neuron-pruned S from calibration data: `losparse`, `lowrank` (U·V only) and
@@ -439,9 +428,8 @@ def check_oneshot_method(config: LoSparseConfig) -> None:
 
 def _plan(model: nn.Module, config: LoSparseConfig) -> tuple[list[tuple[str, nn.Module]], list[int], float]:
     """Targets, their ranks (as `apply` chooses them) and p_T; a budget with nothing left for S is an error."""
-    from .decompose import allocate_ranks, losparse_layers, rank_for_ratio, require_targets
+    from .decompose import losparse_layers, plan_ranks, require_targets
     from .layers import dense_features
-    from .methods import rank_ratio
     from .preflight import check_low_rank_share
 
     check_oneshot_method(config)
@@ -450,13 +438,7 @@ def _plan(model: nn.Module, config: LoSparseConfig) -> tuple[list[tuple[str, nn.
         raise LoSparseUsageError("this model already has LoSparse layers; one-shot compression needs a dense model")
     targets = require_targets(model, config)
     shapes = [dense_features(linear) for _, linear in targets]
-    share = rank_ratio(spec, config.remaining_ratio, config.low_rank_ratio)
-    if spec.rank_from == "remaining_ratio":
-        ranks = allocate_ranks(shapes, share)
-    elif share is not None:
-        ranks = [rank_for_ratio(o, i, share) for o, i in shapes]
-    else:
-        ranks = [0] * len(shapes)
+    ranks = plan_ranks(shapes, config)
     name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
     kept = check_low_rank_share(shapes, config, name) if spec.has_sparse else 0.0
     return targets, ranks, kept

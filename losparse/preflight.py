@@ -173,17 +173,11 @@ def target_shapes(auto_class: Any, model_config: Any, losparse_config: Any,
 
 def low_rank_budget(shapes: list[tuple[int, int]], losparse_config: Any) -> tuple[float, float]:
     """(low-rank share, final kept fraction p_T of S) exactly as `decompose.apply` + the pruner get them."""
-    from .decompose import allocate_ranks, rank_for_ratio
-    from .methods import final_kept_fraction, rank_ratio
+    from .decompose import plan_ranks
+    from .methods import final_kept_fraction
 
     spec = losparse_config.method_spec
-    share = rank_ratio(spec, losparse_config.remaining_ratio, losparse_config.low_rank_ratio)
-    if spec.rank_from == "remaining_ratio":
-        ranks = allocate_ranks(shapes, share)
-    elif share is not None:
-        ranks = [rank_for_ratio(out_features, in_features, share) for out_features, in_features in shapes]
-    else:
-        ranks = [0] * len(shapes)
+    ranks = plan_ranks(shapes, losparse_config)
     dense = sum(o * i for o, i in shapes)
     low_rank_share = sum(k * (o + i) for k, (o, i) in zip(ranks, shapes)) / dense if dense else 0.0
     return low_rank_share, final_kept_fraction(spec, losparse_config.remaining_ratio, low_rank_share)

@@ -63,6 +63,21 @@ def target_budget(layers: list[LoSparseLinear], config: LoSparseConfig) -> dict[
     }
 
 
+def keep_within_budget(scores: torch.Tensor, sizes: torch.Tensor, kept_fraction: float,
+                       total: Optional[float] = None) -> torch.Tensor:
+    """The paper keep rule: the best-scoring units whose cumulative sizes fit in `kept_fraction` of `total`.
+
+    scores, sizes: (N,) per unit (neuron, head, FFN neuron); total defaults to Σ sizes. Ties are broken by
+    position (stable sort); the kept size falls short of the budget by less than one unit.
+    """
+    total = float(sizes.sum()) if total is None else total
+    order = torch.argsort(scores.to(sizes.device), descending=True, stable=True)
+    fits = torch.cumsum(sizes[order], dim=0) <= kept_fraction * total + 0.5
+    keep = torch.empty_like(fits)
+    keep[order] = fits
+    return keep
+
+
 def _keep_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """The k highest scores (ties: the earlier entry wins), in O(N) via `kthvalue` instead of a full sort.
 
@@ -176,11 +191,7 @@ class LoSparsePruner:
         elif self.unit_sized:
             keep = _keep_top_k(scores, int(kept_fraction * self.total_sparse_params + 0.5))
         else:
-            order = torch.argsort(scores, descending=True, stable=True)
-            kept_params = torch.cumsum(self.neuron_sizes[order], dim=0)
-            keep_sorted = kept_params <= kept_fraction * self.total_sparse_params + 0.5
-            keep = torch.empty_like(keep_sorted)
-            keep[order] = keep_sorted
+            keep = keep_within_budget(scores, self.neuron_sizes, kept_fraction, self.total_sparse_params)
         for layer, mask in zip(self.layers, torch.split(keep, self.importance.num_neurons)):
             layer.set_sparse_mask(mask.view(layer.sparse_mask.shape))
 

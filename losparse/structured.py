@@ -43,6 +43,7 @@ from .checkpoint import PRUNER_META_FILE, PRUNER_STATE_FILE
 from .config import LoSparseConfig
 from .errors import LoSparseUsageError
 from .families import family_of
+from .pruner import keep_within_budget
 from .schedule import CubicSchedule, resolve_steps
 from .trainer import LoSparseCallback, check_training_backend, declare_loss_kwargs, refuse_positional
 
@@ -171,11 +172,7 @@ def select_groups(scores: torch.Tensor, sizes: torch.Tensor, kept_fraction: floa
     The rule of `LoSparsePruner.update_masks` (paper variant); the kept weights fall short of the target
     by less than one group. Ties are broken by position (stable sort).
     """
-    order = torch.argsort(scores.to(sizes.device), descending=True, stable=True)
-    fits = torch.cumsum(sizes[order], dim=0) <= kept_fraction * float(sizes.sum()) + 0.5
-    keep = torch.empty_like(fits)
-    keep[order] = fits
-    return keep
+    return keep_within_budget(scores, sizes, kept_fraction)
 
 
 def split_keep(blocks: list[EncoderBlock], keep: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
