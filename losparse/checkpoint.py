@@ -158,7 +158,8 @@ def check_same_compression(checkpoint: str, config: Any, max_steps: Optional[int
     if recorded is not None:
         # A field the checkpoint does not name was added later; the run that wrote it had its default.
         defaults = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
-        differences += compression_differences({**defaults, **recorded}, config.to_dict())
+        # A checkpoint from before --align existed was never aligned (config.LEGACY_ALIGN, "1").
+        differences += compression_differences({**defaults, "align": "1", **recorded}, config.to_dict())
     if max_steps is not None:
         before = recorded_max_steps(checkpoint)
         if before is not None and before != max_steps:

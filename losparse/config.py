@@ -22,6 +22,11 @@ SVD_SOLVERS = ("auto", "exact", "randomized")
 PRUNING_VARIANTS = ("paper", "reference")
 LPAF_IMPORTANCE = ("first_order", "magnitude", "sensitivity")
 LPAF_FACTORIZATIONS = ("em", "als", "plain")
+#: The methods whose S is neuron-pruned by `LoSparsePruner`, so it can shrink to its kept neurons (`losparse.shrink`).
+SHRINK_METHODS = tuple(name for name, spec in METHOD_SPECS.items()
+                       if spec.decomposes and spec.has_sparse and not spec.prune_then_factorize)
+#: `align` of configs recorded before the option existed (checkpoints, saved models): no alignment
+LEGACY_ALIGN = "1"
 
 
 @dataclass
@@ -130,6 +135,14 @@ class LoSparseConfig:
         default=10,
         metadata={"help": "LPAF only: iterations of the sparsity-aware SVD (from the plain SVD; never worse than it)."},
     )
+    shrink_sparse: bool = field(
+        default=False,
+        metadata={"help": "Drop pruned neurons for good: masks become monotone (a neuron pruned at a mask update is "
+                          "never kept again) and at each mask update S, its gradient and its optimizer moments "
+                          "physically shrink to the kept neurons, so training memory falls as pruning proceeds "
+                          "(losparse.shrink). Single process only (no DDP/FSDP); methods: " + ", ".join(SHRINK_METHODS)
+                          + "."},
+    )
     svd_solver: str = field(
         default="auto",
         metadata={
@@ -142,6 +155,16 @@ class LoSparseConfig:
         default="auto",
         metadata={"help": "Device for the SVD ('cpu', 'cuda', 'cuda:1', ...); 'auto' = the GPU if one is visible, "
                           "else the weight's device. The factors go back to the weight's device."},
+    )
+    align: str = field(
+        default="auto",
+        metadata={
+            "help": "Hardware-friendly shapes: ranks of U·V and kept-neuron counts of S are multiples of N, the "
+            "parameter budget still met (the global ranking keeps whole groups of N neurons). 'auto' = 16 when "
+            "the decomposition runs on a CUDA GPU (see --svd_device), else 8, applied only to matrices whose "
+            "smaller side is >= 16·N (small layers keep exact counts); an integer N aligns every matrix; 1 = off. "
+            "LPAF and the structured method ignore it."
+        },
     )
     target_modules: Optional[list[str]] = field(
         default=None,
@@ -213,11 +236,31 @@ class LoSparseConfig:
                 raise LoSparseUsageError(f"--svd_device {self.svd_device!r}: only 'auto', 'cpu' and 'cuda[:N]' are supported")
         if self.pruning_interval < 1:
             raise LoSparseUsageError(f"--pruning_interval {self.pruning_interval!r} must be >= 1")
+        self._validate_align()
         self._validate_lpaf()
+        if self.shrink_sparse and self.method not in SHRINK_METHODS:
+            raise LoSparseUsageError(
+                f"--shrink_sparse is not available with --method {self.method}: only a neuron-pruned S can shrink "
+                f"({', '.join(SHRINK_METHODS)}); drop --shrink_sparse"
+            )
         if self.pruning_variant not in PRUNING_VARIANTS:
             raise LoSparseUsageError(
                 f"--pruning_variant {self.pruning_variant!r} is not known; choose one of: {', '.join(PRUNING_VARIANTS)}"
             )
+
+    def _validate_align(self) -> None:
+        # Python callers and YAML tables may give an int; the CLI gives a string. Stored as text either way.
+        value = self.align
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if isinstance(value, str) and value.strip() == "auto":
+            self.align = "auto"
+            return
+        if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit() and int(value) >= 1:
+            self.align = str(int(value))
+            return
+        raise LoSparseUsageError(f"--align {self.align!r} is not allowed; use 'auto' or a positive integer N "
+                                 "(ranks and kept-neuron counts become multiples of N; 1 = off)")
 
     def _validate_lpaf(self) -> None:
         if self.lpaf_importance not in LPAF_IMPORTANCE:
@@ -252,7 +295,9 @@ class LoSparseConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "LoSparseConfig":
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        present = {k: v for k, v in values.items() if k in known}
+        present.setdefault("align", LEGACY_ALIGN)  # recorded before --align existed: shapes were never aligned
+        return cls(**present)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -20,50 +20,98 @@ from .methods import rank_ratio
 
 logger = logging.getLogger(__name__)
 
-def rank_for_ratio(out_features: int, in_features: int, low_rank_ratio: float) -> int:
+def rank_for_ratio(out_features: int, in_features: int, low_rank_ratio: float, align: int = 1) -> int:
     """k = ceil(r·out·in / (out+in)): the rank whose U, V hold a share r of the matrix's parameters.
 
     Rounds up (so the achieved low-rank share is slightly above r) and is capped at min(out, in).
+    With `align` N > 1 the ideal r·out·in/(out+in) is rounded to the nearest multiple of N instead (at least N,
+    still capped at min(out, in)); the sparse part's p_T = ratio − achieved low-rank share absorbs the difference.
     """
-    rank = math.ceil(low_rank_ratio * out_features * in_features / (out_features + in_features))
+    ideal = low_rank_ratio * out_features * in_features / (out_features + in_features)
+    if align > 1:
+        return min(align * max(1, math.floor(ideal / align + 0.5)), out_features, in_features)
+    rank = math.ceil(ideal)
     return max(1, min(rank, out_features, in_features))
 
 
-def allocate_ranks(shapes: list[tuple[int, int]], share: float) -> list[int]:
+def allocate_ranks(shapes: list[tuple[int, int]], share: float, aligns: Optional[list[int]] = None) -> list[int]:
     """Ranks that spend at most `share` of the matrices' parameters on U·V, as close to it as possible.
 
     For methods whose whole budget is the low-rank part, rounding every rank up (the paper's rule for
     r) would overshoot the ratio. Here each rank is rounded down, then the leftover budget buys one
     more rank for the layers with the largest rounding loss while it still fits.
-    shapes: (out_features, in_features) per layer.
+    shapes: (out_features, in_features) per layer. aligns: a multiple N per layer (default 1): its rank is
+    rounded down to a multiple of N and the leftover buys N more ranks at a time (a rank is never above
+    min(out, in), which may leave a full-rank layer off the grid).
     """
+    aligns = aligns or [1] * len(shapes)
     ideal = [share * o * i / (o + i) for o, i in shapes]
-    ranks = [max(0, min(math.floor(x), o, i)) for x, (o, i) in zip(ideal, shapes)]
+    ranks = [max(0, min(n * math.floor(x / n), o, i)) for x, n, (o, i) in zip(ideal, aligns, shapes)]
     leftover = share * sum(o * i for o, i in shapes) - sum(k * (o + i) for k, (o, i) in zip(ranks, shapes))
     for index in sorted(range(len(shapes)), key=lambda j: ideal[j] - ranks[j], reverse=True):
         out_features, in_features = shapes[index]
-        cost = out_features + in_features
-        if cost <= leftover + 1e-9 and ranks[index] < min(out_features, in_features):
-            ranks[index] += 1
+        step = min(aligns[index], min(out_features, in_features) - ranks[index])
+        cost = step * (out_features + in_features)
+        if step > 0 and cost <= leftover + 1e-9:
+            ranks[index] += step
             leftover -= cost
     return ranks
+
+
+#: `align="auto"`: the multiple on a CUDA device and on any other (CPU) device
+AUTO_ALIGN_CUDA = 16
+AUTO_ALIGN_CPU = 8
+#: `align="auto"` aligns a matrix only when its smaller side is at least this many multiples (small layers stay exact)
+AUTO_ALIGN_MIN_GROUPS = 16
+
+
+def resolve_align(config: LoSparseConfig, weight_device: Optional[torch.device] = None) -> int:
+    """The multiple N that `config.align` means here: the integer, or for 'auto' 16 when the decomposition runs on
+    CUDA (`resolve_svd_device`: --svd_device, or the GPU if one is visible) and 8 otherwise.
+
+    `weight_device` defaults to the CPU, where the run scripts load the model; the answer is the same for a model
+    already on the GPU, so `apply`, one-shot, the preflight and the pruner agree.
+    """
+    if config.align != "auto":
+        return int(config.align)
+    device = resolve_svd_device(config.svd_device, weight_device or torch.device("cpu"))
+    return AUTO_ALIGN_CUDA if device.type == "cuda" else AUTO_ALIGN_CPU
+
+
+def matrix_alignments(shapes: list[tuple[int, int]], config: LoSparseConfig,
+                      weight_device: Optional[torch.device] = None) -> list[int]:
+    """The multiple N per target matrix (out, in) for its rank and its kept-neuron count; 1 = exact counts.
+
+    An explicit --align N applies to every matrix; 'auto' only to those with min(out, in) >= 16·N. LPAF (ranks
+    from its own pruner, entry masks) ignores --align.
+    """
+    if config.method_spec.prune_then_factorize:
+        return [1] * len(shapes)
+    align = resolve_align(config, weight_device)
+    if align == 1 or config.align != "auto":
+        return [align] * len(shapes)
+    return [align if min(shape) >= AUTO_ALIGN_MIN_GROUPS * align else 1 for shape in shapes]
 
 
 #: `svd_solver="auto"` switches to the randomized SVD for matrices whose smaller side is at least this.
 RANDOMIZED_SVD_MIN_DIM = 2048
 
 
-def plan_ranks(shapes: list[tuple[int, int]], config: LoSparseConfig) -> list[int]:
+def plan_ranks(shapes: list[tuple[int, int]], config: LoSparseConfig,
+               weight_device: Optional[torch.device] = None) -> list[int]:
     """The rank of U·V per target matrix (out, in), as `apply` gives them: `allocate_ranks` over the whole budget
-    for the low-rank methods, ceil(r·out·in/(out+in)) per layer for `low_rank_ratio`, 0 without a low-rank part.
-    (LPAF's factor slots are then widened to `lpaf_max_ranks`.)"""
+    for the low-rank methods, ceil(r·out·in/(out+in)) per layer for `low_rank_ratio`, 0 without a low-rank part,
+    each on the matrix's --align grid (`matrix_alignments`). (LPAF's factor slots are then widened to
+    `lpaf_max_ranks`.)"""
     spec = config.method_spec
     share = rank_ratio(spec, config.remaining_ratio, config.low_rank_ratio)
+    if share is None:
+        return [0] * len(shapes)
+    aligns = matrix_alignments(shapes, config, weight_device)
     if spec.rank_from == "remaining_ratio":
-        return allocate_ranks(shapes, share)
-    if share is not None:
-        return [rank_for_ratio(out_features, in_features, share) for out_features, in_features in shapes]
-    return [0] * len(shapes)
+        return allocate_ranks(shapes, share, aligns)
+    return [rank_for_ratio(out_features, in_features, share, align)
+            for (out_features, in_features), align in zip(shapes, aligns)]
 
 
 def lpaf_max_ranks(shapes: list[tuple[int, int]], target_ranks: list[int], factor: float) -> list[int]:
@@ -257,6 +305,17 @@ def get_config(model: nn.Module) -> LoSparseConfig:
     return config
 
 
+def _log_alignment(shapes: list[tuple[int, int]], config: LoSparseConfig, weight_device: torch.device) -> None:
+    if config.method_spec.prune_then_factorize and config.align not in ("auto", "1"):
+        logger.warning("method %s ignores --align %s: its ranks and entry masks keep exact counts", config.method,
+                       config.align)
+    aligns = matrix_alignments(shapes, config, weight_device)
+    aligned = sum(align > 1 for align in aligns)
+    if aligned:
+        logger.info("--align %s: ranks and kept-neuron counts of %d of %d matrices are multiples of %d", config.align,
+                    aligned, len(shapes), max(aligns))
+
+
 def apply(model: nn.Module, config: LoSparseConfig) -> nn.Module:
     """Decompose every targeted linear layer of `model` in place; returns `model`.
 
@@ -276,7 +335,9 @@ def apply(model: nn.Module, config: LoSparseConfig) -> nn.Module:
     svd_device = resolve_svd_device(config.svd_device, targets[0][1].weight.device)
     started = time.perf_counter()
     shapes = [dense_features(linear) for _, linear in targets]
-    ranks = plan_ranks(shapes, config)
+    weight_device = targets[0][1].weight.device
+    ranks = plan_ranks(shapes, config, weight_device)
+    _log_alignment(shapes, config, weight_device)
     prune_dim = config.prune_dim
     if spec.prune_then_factorize:  # LPAF: room for its largest mixed rank, unstructured masks, no SVD yet
         ranks = lpaf_max_ranks(shapes, ranks, config.lpaf_max_rank_factor)

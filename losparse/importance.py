@@ -42,8 +42,19 @@ from .layers import LoSparseLinear
 from .sharding import any_sharded, check_shardable, local_tensor, sharded_neuron_means
 
 
+def _all_neurons(layer: LoSparseLinear, means: torch.Tensor) -> torch.Tensor:
+    """Per-neuron means over all neurons of `layer`: a shrunk S (`losparse.shrink`) scores only its alive
+    neurons; the dropped ones get 0, what an unshrunk run's zeroed neurons score (their ranking is −inf anyway)."""
+    if layer.sparse_alive_index is None:
+        return means
+    return means.new_zeros(layer.sparse_mask.numel()).index_copy_(0, layer.sparse_alive_index, means)
+
+
 class NeuronImportance:
-    """EMA neuron scores of the S matrices of `layers`, flattened in layer order."""
+    """EMA neuron scores of the S matrices of `layers`, flattened in layer order.
+
+    Under --shrink_sparse the per-entry states (β2 > 0, windowed entry means) follow their S's rows or columns
+    (`losparse.shrink.narrow_layer` narrows them); the per-neuron EMA always covers every neuron."""
 
     def __init__(self, layers: Sequence[LoSparseLinear], metric: str = "sensitivity", beta1: float = 0.85,
                  beta2: float = 0.0, window: Optional[int] = None) -> None:
@@ -127,14 +138,16 @@ class NeuronImportance:
         means = []
         for layer in self.layers:
             scores = self._layer_entry_scores(layer)
-            means.append(scores.reshape(-1) if layer.neuron_axis is None else scores.mean(dim=1 - layer.neuron_axis))
+            means.append(scores.reshape(-1) if layer.neuron_axis is None else
+                         _all_neurons(layer, scores.mean(dim=1 - layer.neuron_axis)))
         return torch.cat(means)
 
     def _neuron_means(self, entry_scores: list[torch.Tensor]) -> torch.Tensor:
         """Eq. 4 per neuron, flattened in layer order; an entry-masked layer (LPAF) keeps every entry's score."""
         if self.sharded:
             return sharded_neuron_means(entry_scores, self.layers)
-        return torch.cat([t.reshape(-1) if layer.neuron_axis is None else t.mean(dim=1 - layer.neuron_axis)
+        return torch.cat([t.reshape(-1) if layer.neuron_axis is None else
+                          _all_neurons(layer, t.mean(dim=1 - layer.neuron_axis))
                           for t, layer in zip(entry_scores, self.layers)])
 
     @property

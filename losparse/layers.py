@@ -141,6 +141,9 @@ class LoSparseLinear(_DecomposedLinear):
       sparse_mask: bool, (out,) for prune_dim="rows", (in,) for "columns", (out, in) for "entries"
       (unstructured, LPAF); True = neuron (entry) kept. It is saved with Trainer checkpoints, so a
       resumed run continues with the same mask.
+      sparse_alive_index: None, or (under --shrink_sparse, `losparse.shrink`) the long, increasing indices
+      of the neurons S still stores: `sparse` is then (alive, in) for rows / (out, alive) for columns, the
+      dropped neurons count as zero, and `sparse_mask` still covers all neurons (False for dropped ones).
     Plain attributes set by LPAF's pruner (`losparse.lpaf_pruner`), None/True otherwise:
       active_rank: use only the leading k columns of U and rows of V (nested, mixed-rank training);
       sparse_active: False once S has been factorised away; the forward is then x·Vₖᵀ·Uₖᵀ + b.
@@ -170,6 +173,7 @@ class LoSparseLinear(_DecomposedLinear):
         self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
         mask_shape = {"rows": (out_features,), "columns": (in_features,), "entries": (out_features, in_features)}
         self.register_buffer("sparse_mask", torch.ones(mask_shape[prune_dim], dtype=torch.bool, device=device))
+        self.register_buffer("sparse_alive_index", None)  # set by losparse.shrink; None: S holds every neuron
         self.active_rank: Optional[int] = None
         self.sparse_active = True
 
@@ -192,6 +196,24 @@ class LoSparseLinear(_DecomposedLinear):
     def uses_sparse(self) -> bool:
         """Whether S takes part in the forward (it exists and has not been factorised away)."""
         return self.sparse is not None and self.sparse_active
+
+    @property
+    def shrunk(self) -> bool:
+        """Whether S physically holds only its alive neurons (`sparse_alive_index`, see `losparse.shrink`)."""
+        return self.sparse_alive_index is not None
+
+    def sparse_positions(self, neurons: torch.Tensor) -> torch.Tensor:
+        """Where neurons (indices over all neurons, all alive) sit along the neuron axis of the stored S."""
+        if not self.shrunk:
+            return neurons
+        return torch.searchsorted(self.sparse_alive_index, neurons)
+
+    def full_sparse(self) -> torch.Tensor:
+        """S as the full (out, in) matrix: the stored S itself, or a shrunk S scattered with zeros elsewhere."""
+        if not self.shrunk:
+            return self.sparse
+        full = self.sparse.new_zeros(self.out_features, self.in_features)
+        return full.index_add_(self.neuron_axis, self.sparse_alive_index, self.sparse)
 
     def low_rank_factors(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """(U[:, :k], V[:k]) for k = `current_rank` (views), or (None, None) without a low-rank part."""
@@ -220,8 +242,8 @@ class LoSparseLinear(_DecomposedLinear):
             return self.low_rank_weight()
         u, v = self.low_rank_factors()
         if u is None:
-            return self.sparse
-        return torch.addmm(self.sparse, u, v)
+            return self.full_sparse()
+        return torch.addmm(self.full_sparse(), u, v)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sparse is not None and not self.sparse_active:
@@ -233,6 +255,9 @@ class LoSparseLinear(_DecomposedLinear):
         # Same values and gradients as F.linear(x, effective_weight(), bias), but no (out, in) matrix is
         # kept alive for the backward (losparse.functional).
         u, v = self.low_rank_factors()
+        if self.shrunk:  # S holds only its alive neurons: they are scattered in (index_add) or gathered
+            return losparse_linear(x, u, v, self.sparse, self.bias, alive_index=self.sparse_alive_index,
+                                   neuron_axis=self.neuron_axis, out_features=self.out_features)
         return losparse_linear(x, u, v, self.sparse, self.bias)
 
     def _broadcast_mask(self, mask: torch.Tensor) -> torch.Tensor:
@@ -258,7 +283,8 @@ class LoSparseLinear(_DecomposedLinear):
             local, mask = local_rows_of(self.sparse, self.sparse_mask, self.neuron_axis)
             local.mul_(self._broadcast_mask(mask).to(local.dtype))
             return
-        self.sparse.mul_(self._broadcast_mask(self.sparse_mask).to(self.sparse.dtype))
+        mask = self.sparse_mask if not self.shrunk else self.sparse_mask.index_select(0, self.sparse_alive_index)
+        self.sparse.mul_(self._broadcast_mask(mask).to(self.sparse.dtype))
 
     def kept_neuron_index(self) -> torch.Tensor:
         if self.neuron_axis is None:
@@ -270,6 +296,7 @@ class LoSparseLinear(_DecomposedLinear):
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             + (f"active_rank={self.active_rank}, " if self.active_rank is not None else "")
             + f"sparse={self.uses_sparse}, prune_dim={self.prune_dim}, bias={self.bias is not None}"
+            + (f", alive={self.sparse_alive_index.numel()}" if self.shrunk else "")
             + (f", dense_type={self.dense_type}" if self.dense_type != "linear" else "")
         )
 
@@ -367,13 +394,13 @@ class CompactLoSparseLinear(_DecomposedLinear):
                 compact.fused_weight[:rank].copy_(low_rank_v)
                 compact.low_rank_u.copy_(low_rank_u)
             if compact.num_kept:
-                compact.fused_weight[rank:].copy_(layer.sparse.index_select(0, kept_index))
+                compact.fused_weight[rank:].copy_(layer.sparse.index_select(0, layer.sparse_positions(kept_index)))
         else:
             if rank:
                 compact.low_rank_v.copy_(low_rank_v)
                 compact.fused_weight[:, :rank].copy_(low_rank_u)
             if compact.num_kept:
-                compact.fused_weight[:, rank:].copy_(layer.sparse.index_select(1, kept_index))
+                compact.fused_weight[:, rank:].copy_(layer.sparse.index_select(1, layer.sparse_positions(kept_index)))
         compact.kept_index.copy_(kept_index)
         if layer.bias is not None:
             compact.bias.copy_(layer.bias)

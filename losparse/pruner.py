@@ -7,7 +7,8 @@ gradients are zeroed; any training loop can drive it (the Trainer does so throug
 Ranking is global: all neurons of all S matrices compete under one threshold. Neurons hold
 different numbers of parameters (a row of a 3072-wide FFN output holds 4× a row of a 768-wide
 one), so the threshold is placed where the kept *parameters* reach p_t of all S parameters — the
-paper's ratio is a parameter ratio.
+paper's ratio is a parameter ratio. With `--align N` the units of that ranking are groups of N
+neurons of one layer (`NeuronGroups`), so every aligned layer keeps a multiple of N neurons.
 
 Two variants (`LoSparseConfig.pruning_variant`):
   paper      Algorithm 1 as printed: the EMA is updated every step, masks are recomputed every ΔT
@@ -37,7 +38,7 @@ from torch import nn
 
 from .checkpoint import PRUNER_META_FILE, PRUNER_STATE_FILE
 from .config import LoSparseConfig
-from .decompose import get_config
+from .decompose import get_config, matrix_alignments
 from .errors import LoSparseUsageError
 from .importance import NeuronImportance
 from .layers import LoSparseLinear
@@ -95,6 +96,55 @@ def _keep_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     return keep
 
 
+class NeuronGroups:
+    """Whole groups of N neurons per layer as the units of the global ranking (`--align`), so a layer keeps a
+    multiple of N neurons (or all of them).
+
+    For a layer with multiple N > 1 its neurons are sorted by score (descending, stable) and cut into consecutive
+    groups of N (the last may be smaller); a group scores the mean of its members and weighs the sum of their
+    sizes. A layer with N = 1 contributes each neuron as its own group, in neuron order. Groups are numbered layer
+    by layer, so the rank of a group in the global order depends only on scores and sizes.
+    Everything is on the device of `neuron_sizes`; `assign` costs two stable sorts, O(n log n) for n neurons.
+
+    num_neurons, aligns: per layer; neuron_sizes: (n,) parameters per neuron (equal within a layer).
+    """
+
+    def __init__(self, num_neurons: list[int], aligns: list[int], neuron_sizes: torch.Tensor) -> None:
+        device = neuron_sizes.device
+        counts = torch.tensor(num_neurons, dtype=torch.long, device=device)
+        align = torch.tensor(aligns, dtype=torch.long, device=device)
+        groups_per_layer = (counts + align - 1) // align
+        self.layer_of_neuron = torch.repeat_interleave(torch.arange(len(num_neurons), device=device), counts)
+        self.layer_start = (torch.cumsum(counts, 0) - counts)[self.layer_of_neuron]
+        self.group_start = (torch.cumsum(groups_per_layer, 0) - groups_per_layer)[self.layer_of_neuron]
+        self.align = align[self.layer_of_neuron]
+        self.aligned = self.align > 1
+        self.local_index = torch.arange(int(counts.sum()), device=device) - self.layer_start
+        # Membership counts and sizes do not depend on which neurons fill a group (sizes are equal within a
+        # layer), so they are fixed here from the neuron order.
+        static_group = self.group_start + self.local_index // self.align
+        self.num_groups = int(groups_per_layer.sum())
+        self.members = torch.zeros(self.num_groups, dtype=torch.float64, device=device).index_add_(
+            0, static_group, torch.ones_like(neuron_sizes, dtype=torch.float64))
+        self.sizes = torch.zeros(self.num_groups, dtype=torch.float64, device=device).index_add_(
+            0, static_group, neuron_sizes.to(torch.float64))
+
+    def assign(self, scores: torch.Tensor) -> torch.Tensor:
+        """(n,) the group of every neuron for these (n,) scores."""
+        by_score = torch.argsort(scores, descending=True, stable=True)
+        order = by_score[torch.argsort(self.layer_of_neuron[by_score], stable=True)]  # layer by layer, best first
+        rank_in_layer = torch.empty_like(order)
+        rank_in_layer[order] = torch.arange(order.numel(), device=order.device)
+        rank_in_layer -= self.layer_start
+        within = torch.where(self.aligned, rank_in_layer // self.align, self.local_index)
+        return self.group_start + within
+
+    def mean_scores(self, scores: torch.Tensor, group_of: torch.Tensor) -> torch.Tensor:
+        """(groups,) the mean score of each group's members (float64)."""
+        sums = torch.zeros(self.num_groups, dtype=torch.float64, device=scores.device)
+        return sums.index_add_(0, group_of, scores.to(torch.float64)) / self.members
+
+
 class LoSparsePruner:
     """Importance tracking + cubic schedule + global structured masking for one model."""
 
@@ -109,6 +159,7 @@ class LoSparsePruner:
                 f"--low_rank_ratio {self.config.low_rank_ratio} leaves nothing for the sparse part: with ranks rounded "
                 f"up the low-rank share is {budget['low_rank_share']:.4f} >= --remaining_ratio "
                 f"{self.config.remaining_ratio}; lower --low_rank_ratio"
+                + ("" if self.config.align == "1" else f" (or --align {self.config.align}: ranks are multiples of it)")
             )
         pruning_steps = self.pruning_steps(total_steps)
         self.schedule = CubicSchedule(
@@ -130,8 +181,20 @@ class LoSparsePruner:
         self.total_sparse_params = float(self.neuron_sizes.sum()) if self.layers else 0.0
         #: every "neuron" is one entry (LPAF's unstructured masks): the keep rule is a plain top-k
         self.unit_sized = bool(self.layers) and all(layer.neuron_size == 1 for layer in self.layers)
+        #: --align: groups of neurons ranked as units; None when every layer keeps exact counts (entry masks do)
+        self.neuron_groups = self._neuron_groups(device)
         self.last_step = 0
         self.kept_fraction = 1.0
+
+    def _neuron_groups(self, device: torch.device) -> Optional[NeuronGroups]:
+        if not self.layers:
+            return None
+        aligns = matrix_alignments([(layer.out_features, layer.in_features) for layer in self.layers], self.config,
+                                   self.layers[0].sparse.device)
+        aligns = [align if layer.neuron_axis is not None else 1 for align, layer in zip(aligns, self.layers)]
+        if all(align == 1 for align in aligns):
+            return None
+        return NeuronGroups(self.importance.num_neurons, aligns, self.neuron_sizes.to(device))
 
     @property
     def variant(self) -> str:
@@ -157,7 +220,7 @@ class LoSparsePruner:
             return
         self.kept_fraction = self.schedule.kept_fraction(step)
         if self.schedule.is_mask_update_step(step):
-            self.update_masks(self.kept_fraction)
+            self.update_masks_at_step(self.kept_fraction)
         else:
             self.apply_masks()
 
@@ -166,7 +229,7 @@ class LoSparsePruner:
         self.last_step = step
         self.kept_fraction = self.schedule.kept_fraction(step)
         if self.schedule.is_mask_update_step(step):
-            self.update_masks(self.kept_fraction)
+            self.update_masks_at_step(self.kept_fraction)
         elif step >= self.schedule.total_steps and self.schedule.is_pruning(step):
             self.apply_masks()  # the last step: no regrown row survives into the trained model
 
@@ -178,6 +241,7 @@ class LoSparsePruner:
         `reference`: keep every neuron whose score is ≥ the k-th smallest entry score, k = int(N·(1 − p)).
         `scores`: one score per neuron of all layers, in layer order, to rank instead of the tracked
         importance (which is left untouched), e.g. random scores to prune an untrained model for a benchmark.
+        With --align the units of either rule are `NeuronGroups` (mean score, summed size) instead of neurons.
         """
         if not self.layers:
             return
@@ -186,7 +250,9 @@ class LoSparsePruner:
         elif scores.shape != self.neuron_sizes.shape:
             raise ValueError(f"update_masks: {scores.numel()} scores given for {self.neuron_sizes.numel()} neurons")
         scores = scores.to(self.neuron_sizes.device)
-        if self.variant == "reference":
+        if self.neuron_groups is not None:
+            keep = self._aligned_keep(kept_fraction, scores)
+        elif self.variant == "reference":
             keep = self._reference_keep(kept_fraction, scores)
         elif self.unit_sized:
             keep = _keep_top_k(scores, int(kept_fraction * self.total_sparse_params + 0.5))
@@ -195,7 +261,21 @@ class LoSparsePruner:
         for layer, mask in zip(self.layers, torch.split(keep, self.importance.num_neurons)):
             layer.set_sparse_mask(mask.view(layer.sparse_mask.shape))
 
-    def _reference_keep(self, kept_fraction: float, scores: torch.Tensor) -> torch.Tensor:
+    def _aligned_keep(self, kept_fraction: float, scores: torch.Tensor) -> torch.Tensor:
+        """The variant's keep rule over whole groups; every member of a kept group is kept."""
+        groups = self.neuron_groups
+        group_of = groups.assign(scores)
+        group_scores = groups.mean_scores(scores, group_of)
+        if self.variant == "reference":
+            keep = self._reference_keep(kept_fraction, group_scores, groups.sizes)
+        else:
+            keep = keep_within_budget(group_scores, groups.sizes, kept_fraction, self.total_sparse_params)
+        return keep[group_of]
+
+    def _reference_keep(self, kept_fraction: float, scores: torch.Tensor,
+                        sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`scores`, `sizes`: per unit (default: per neuron, `neuron_sizes`)."""
+        sizes = self.neuron_sizes if sizes is None else sizes
         if kept_fraction <= 0.0:
             return torch.zeros_like(scores, dtype=torch.bool)
         num_entries = int(round(self.total_sparse_params))
@@ -205,7 +285,7 @@ class LoSparsePruner:
         # The k-th smallest entry score is the score of the neuron in which the cumulative parameter count,
         # in ascending score order, first reaches k (each neuron holds neuron_size entries of equal score).
         order = torch.argsort(scores, stable=True)
-        cumulative = torch.cumsum(self.neuron_sizes[order], dim=0)
+        cumulative = torch.cumsum(sizes[order], dim=0)
         position = torch.searchsorted(cumulative, torch.full((1,), float(k), dtype=cumulative.dtype,
                                                              device=cumulative.device))
         threshold = scores[order[position.clamp_(max=scores.numel() - 1)]]
@@ -216,6 +296,20 @@ class LoSparsePruner:
         """Zero pruned neurons again so optimizer momentum or weight decay never revives them."""
         for layer in self.layers:
             layer.apply_sparse_mask()
+
+    def update_masks_at_step(self, kept_fraction: float) -> None:
+        """The mask update of a mask step: `update_masks`, made monotone under --shrink_sparse.
+
+        With `config.shrink_sparse` a neuron pruned once is never kept again (`losparse.shrink.monotone_update_masks`);
+        the layers are narrowed afterwards by `losparse.shrink.shrink_pruned(pruner, optimizer)`, which needs the
+        optimizer (the Trainer callback passes it; a custom loop calls it after `step`).
+        """
+        if self.config.shrink_sparse:
+            from .shrink import monotone_update_masks
+
+            monotone_update_masks(self, kept_fraction)
+        else:
+            self.update_masks(kept_fraction)
 
     def achieved_kept_fraction(self) -> float:
         """Kept S parameters / all S parameters, counted from the masks (host sync; for reports)."""

@@ -211,11 +211,22 @@ def unshard_model(model: nn.Module) -> nn.Module:
                                                requires_grad=param.requires_grad)
             module._parameters[name] = full[id(param)]
     for module in model.modules():
+        # transformers marks FSDP2 modules so that `generate` syncs every rank each step (`synced_gpus`);
+        # a plain model generating on one rank must not wait for the others
+        module.__dict__.pop("_is_fsdp_managed_module", None)
         if not isinstance(module, FSDPModule):
             continue
         state = module._get_fsdp_state()
         for handle in {id(h): h for h in (getattr(state, "_pre_forward_hook_handle", None),
                                           getattr(state, "_post_forward_hook_handle", None)) if h is not None}.values():
             handle.remove()
+        for name in [name for name, value in vars(module).items() if _is_fsdp_method_patch(value)]:
+            delattr(module, name)  # `register_fsdp_forward_method` (accelerate does it for `generate`)
         module.__class__ = next(base for base in type(module).__mro__[1:] if not issubclass(base, FSDPModule))
     return model
+
+
+def _is_fsdp_method_patch(value: Any) -> bool:
+    """Whether an instance attribute is FSDP2's wrapper of a method (it runs the unshard hooks around it)."""
+    code = getattr(getattr(value, "__func__", None), "__code__", None)
+    return code is not None and code.co_name == "wrapped_method" and "fsdp" in code.co_filename.replace("\\", "/")

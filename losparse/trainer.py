@@ -74,7 +74,7 @@ def check_training_backend(args: Any, config: Optional[LoSparseConfig] = None) -
             f"--fsdp with fsdp_version {version} is not supported: FSDP1 flattens S into one FlatParameter, so no "
             "rank holds whole rows of it; use fsdp_config {\"fsdp_version\": 2} (FSDP2), or plain DDP"
         )
-    if getattr(args, "use_cpu", False) or not _has_accelerator(args):
+    if not fsdp_applies_on(args):
         raise LoSparseUsageError(
             "--fsdp is not supported on CPU: accelerate applies FSDP only on GPUs/accelerators and on CPU would "
             "silently train with DDP; drop --fsdp (torchrun ... --use_cpu true runs DDP) or run FSDP2 on GPUs"
@@ -87,6 +87,13 @@ def check_training_backend(args: Any, config: Optional[LoSparseConfig] = None) -
     from .sharding import check_fsdp_config
 
     check_fsdp_config(config)
+
+
+def fsdp_applies_on(args: Any) -> bool:
+    """Whether accelerate will really shard with FSDP for these arguments: only off the CPU (its FSDP
+    distributed type exists for GPUs and other accelerators; `tests/fsdp_trainer_worker.py` lifts both
+    limits together to run the Trainer's FSDP2 path on CPU with gloo)."""
+    return not getattr(args, "use_cpu", False) and _has_accelerator(args)
 
 
 def _has_accelerator(args: Any) -> bool:
@@ -125,6 +132,10 @@ class LoSparseCallback(TrainerCallback):
                 raise LoSparseUsageError(f"checkpoint {self.resume_from} holds no {self.pruner_name} pruner state")
             logger.info("%s: resumed pruner state from %s (step %d)", self.pruner_name, self.resume_from,
                         self.pruner.last_step)
+        if getattr(self.config, "shrink_sparse", False):  # neurons pruned before training are dropped at once
+            from .shrink import shrink_pruned
+
+            shrink_pruned(self.pruner, kwargs.get("optimizer"), force=True)
 
     #: how logs and errors name the pruner
     pruner_name = "LoSparse"
@@ -145,6 +156,10 @@ class LoSparseCallback(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.pruner.step(state.global_step + 1)
+        if getattr(self.config, "shrink_sparse", False):  # after a mask update: narrow S, ∂S, optimizer state
+            from .shrink import shrink_pruned
+
+            shrink_pruned(self.pruner, kwargs.get("optimizer"))
 
 
 def loss_uses_num_items(model: Any) -> bool:
@@ -230,6 +245,10 @@ class LoSparseTrainerMixin:
                 "losparse_config=..."
             )
         check_training_backend(args, config)
+        if config.shrink_sparse:
+            from .shrink import check_shrink_backend
+
+            check_shrink_backend(args)
         declare_loss_kwargs(model)
         super().__init__(model=model, args=args, **kwargs)
         self.losparse_callback = LoSparseCallback(model, config, allow_config_change=allow_resume_config_change)
@@ -251,6 +270,10 @@ class LoSparseTrainerMixin:
             resume_from_checkpoint, self.args.output_dir, needs_pruner=True,
             needs_optimizer=not self.args.save_only_model)
         self.losparse_callback.resume_from = resume_from_checkpoint
+        if resume_from_checkpoint is not None:  # shrunk S: the weights and optimizer state were saved narrowed
+            from .shrink import narrow_to_checkpoint
+
+            narrow_to_checkpoint(self.model, resume_from_checkpoint, self.losparse_callback.config)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:

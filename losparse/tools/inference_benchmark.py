@@ -147,6 +147,10 @@ def _add_timing_arguments(parser: argparse.ArgumentParser) -> None:
                              "(a floor for machines without data-sheet numbers, e.g. a shared CPU)")
     parser.add_argument("--svd_solver", choices=("randomized", "exact", "auto"), default="randomized",
                         help="top-k SVD used by losparse.apply (values do not affect timing; exact is slow on cpu)")
+    parser.add_argument("--align", default="auto",
+                        help="ranks and kept-neuron counts as multiples of N (LoSparseConfig.align): 'auto' = 16 "
+                             "when a GPU is visible (the SVD runs there), else 8, for matrices whose smaller side is "
+                             ">= 16·N; an integer aligns every matrix; 1 = off")
     parser.add_argument("--tolerance", type=float, default=None,
                         help="max relative output difference allowed in --dtype (fp32 check: 1e-3)")
     parser.add_argument("--threads", default=None,
@@ -179,6 +183,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         parser.error(f"--num_layers is not supported for --arch {args.arch}")
     if not 0.0 < args.low_rank_ratio < args.remaining_ratio <= 1.0:
         parser.error("need 0 < --low_rank_ratio < --remaining_ratio <= 1")
+    try:
+        args.align = losparse.LoSparseConfig(align=args.align).align
+    except losparse.LoSparseUsageError as exc:
+        parser.error(str(exc))
     return args
 
 
@@ -241,9 +249,10 @@ def build_pair(args: argparse.Namespace, device: torch.device) -> tuple[Any, Any
         info["model"] = args.model_name_or_path
         if is_compact:
             info["note"] = ("LoSparse compact checkpoint benchmarked as saved; "
-                            "--remaining_ratio/--low_rank_ratio ignored")
+                            "--remaining_ratio/--low_rank_ratio/--align ignored")
             args.remaining_ratio = model.losparse_config.remaining_ratio
             args.low_rank_ratio = model.losparse_config.low_rank_ratio
+            args.align = model.losparse_config.align
     else:
         model = build_model(args.arch, args.num_layers, device=device, seed=args.seed)
         kind, is_compact = ARCHS[args.arch].kind, False
@@ -252,7 +261,7 @@ def build_pair(args: argparse.Namespace, device: torch.device) -> tuple[Any, Any
     started = time.perf_counter()
     if not is_compact:
         compress_for_benchmark(model, args.remaining_ratio, args.low_rank_ratio, seed=args.seed,
-                               svd_solver=args.svd_solver)
+                               svd_solver=args.svd_solver, align=args.align)
     info["compress_s"] = round(time.perf_counter() - started, 2)
     compact = model.eval()
     report = losparse.parameter_report(compact)
@@ -704,6 +713,7 @@ def model_fields(args: argparse.Namespace, info: dict[str, Any], kind: str, dens
         "modes": args.modes,
         "remaining_ratio": args.remaining_ratio,
         "low_rank_ratio": args.low_rank_ratio,
+        "align": args.align,
         "achieved_remaining_ratio": report["remaining_ratio"],
         "low_rank_share": report["low_rank_share"],
         "sparse_share": report["sparse_share"],

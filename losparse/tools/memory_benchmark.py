@@ -20,8 +20,11 @@ each LoSparse path before pruning and after pruning to the target (masks from ra
   oneshot               `losparse.oneshot.oneshot_compress` on calibration batches (forward only, block by
                         block: measured on the first 2 blocks, plus the parameter bytes of the others)
 After pruning S is only masked, so the measured memory does not fall; `s_rows_shrunk_estimate` is what
-the lean-bf16m step would hold if S, its gradient and its moments kept only the kept rows (not
-implemented: pruned rows can regrow at a later mask update, so dropping them would change the run).
+the lean-bf16m step would hold if S, its gradient and its moments kept only the kept rows. That is measured
+with `--shrink_fractions 0.5,0.2,final` (`--shrink_sparse`, `losparse.shrink`):
+  losparse-lean-bf16m (shrunk to p)  lean forward + `LeanAdamW` after S, its gradient and its moments shrank to
+                        the kept fraction p of S (monotone masks from one random score vector, so each set is
+                        a subset of the one before, as in training), with the importance update
 
 Measurement. CPU: `MemoryTracker`, a TorchDispatchMode that sees every tensor an op returns and tracks
 live bytes per storage (deduplicated; weakref finalizers notice frees), after registering the tensors
@@ -405,6 +408,58 @@ def measure_oneshot(dense: torch.nn.Module, remaining_ratio: float, low_rank_rat
     return result
 
 
+def shrink_fractions(text: str) -> list[Any]:
+    """`--shrink_fractions`: kept fractions of S in (0, 1] (or "final"), decreasing; refuses anything else."""
+    fractions: list[Any] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        try:
+            value = "final" if part == "final" else float(part)
+        except ValueError:
+            value = None
+        if value is None or (value != "final" and not 0.0 < value <= 1.0):
+            raise LoSparseUsageError(f"--shrink_fractions {text!r}: {part!r} is not a kept fraction in (0, 1] "
+                                     "or final")
+        fractions.append(value)
+    numeric = [f for f in fractions if f != "final"]
+    final_last = "final" not in fractions or (fractions.count("final") == 1 and fractions[-1] == "final")
+    if numeric != sorted(numeric, reverse=True) or not final_last:
+        raise LoSparseUsageError(f"--shrink_fractions {text!r} must decrease (S only shrinks), final last")
+    return fractions
+
+
+def measure_shrinking(model: torch.nn.Module, fractions: list[Any], input_ids: torch.Tensor, autocast: bool,
+                      fused: bool, seed: int = 0) -> dict[str, Any]:
+    """The lean-bf16m step of a copy of `model` after S shrank (`losparse.shrink`) to each kept fraction in turn.
+
+    The masks come from one random score vector through the monotone keep rule, so each kept set is a subset of
+    the one before; S, its gradient and its moments narrow to it (a fresh optimizer per measurement holds the
+    moments at the narrowed shapes, as `shrink_pruned` leaves them), then one step is measured as above.
+    """
+    import dataclasses
+
+    from ..decompose import get_config
+    from ..pruner import LoSparsePruner
+    from ..shrink import monotone_update_masks, shrink_pruned
+
+    model = copy.deepcopy(model)
+    config = dataclasses.replace(get_config(model), shrink_sparse=True)
+    model.losparse_config = config
+    pruner = LoSparsePruner(model, total_steps=100, config=config)
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.rand(pruner.neuron_sizes.shape, generator=generator).to(pruner.importance.neuron_ema.device)
+    results: dict[str, Any] = {}
+    for fraction in fractions:
+        kept = pruner.final_kept_fraction if fraction == "final" else float(fraction)
+        pruner.importance.neuron_ema.copy_(scores)  # the measured step's importance update overwrites it
+        monotone_update_masks(pruner, kept)
+        shrink_pruned(pruner)
+        row = measure_training(model, "losparse-lean-bf16m", input_ids, pruner, autocast, fused)
+        row["kept_fraction"] = pruner.achieved_kept_fraction()
+        row["sparse_param_bytes"] = _state_bytes(layer.sparse for layer in pruner.layers)
+        results[f"losparse-lean-bf16m (shrunk to {kept:.3f})"] = row
+    return results
+
+
 def parameter_split(config: Any) -> dict[str, int]:
     """Targeted (the 7 linears of every block) and other parameters of a Llama config."""
     h, i, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
@@ -589,6 +644,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--pruned_paths", default="losparse-lean-bf16m",
                         help="LoSparse paths measured again after pruning ('' for none); masking does not change "
                              "their memory except for the pruner's importance update")
+    parser.add_argument("--shrink_fractions", default="",
+                        help="also measure losparse-lean-bf16m with --shrink_sparse after S shrank to each of these "
+                             "kept fractions of S, in turn (comma-separated, decreasing; 'final' = p_T), e.g. "
+                             "0.5,0.2,final")
     parser.add_argument("--extrapolate_tokens", type=int, default=2048, help="batch×seq of the 80 GB table")
     parser.add_argument("--time_ops", action="store_true", help="also time merged vs factored losparse_linear")
     parser.add_argument("--loss_check", type=int, default=0,
@@ -612,6 +671,8 @@ def check_args(args: argparse.Namespace) -> None:
                                  "--pruned_paths the LoSparse ones among --paths")
     if args.loss_check < 0:
         raise LoSparseUsageError(f"--loss_check {args.loss_check} must be >= 0 (steps)")
+    if shrink_fractions(args.shrink_fractions) and "losparse-lean-bf16m" not in paths:
+        raise LoSparseUsageError("--shrink_fractions measures losparse-lean-bf16m: keep it in --paths")
     if args.batch_size < 1 or args.seq_len < 2:
         raise LoSparseUsageError(f"--batch_size {args.batch_size} must be >= 1 and --seq_len {args.seq_len} >= 2")
     if args.preset == "llama-7b-shape" and not str(args.device).startswith("cuda"):
@@ -646,6 +707,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for path in losparse_paths:
             results[path] = measure_training(model, path, input_ids, None, autocast, fused)
             progress(f"{path} measured")
+        fractions = shrink_fractions(args.shrink_fractions)
+        if fractions:  # on a copy, before the masked measurement below prunes `model`
+            results.update(measure_shrinking(model, fractions, input_ids, autocast, fused))
+            progress("shrunk S measured")
         pruned_paths = [p for p in args.pruned_paths.split(",") if p]
         if pruned_paths:
             pruner = prune_randomly(model)

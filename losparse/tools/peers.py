@@ -7,7 +7,8 @@ the targeted matrices / their dense count):
               smaller nn.Linear layers, hidden size and head size unchanged;
   lowrank     `method="lowrank"` (Low-rank I): every targeted matrix replaced by U·V with the ranks that
               spend the whole budget (`allocate_ranks`), compacted.
-Each lands within one group of the compact model's count (a head or neuron; one rank of one layer).
+Each lands within one group of the compact model's count (a head or neuron; one rank of one layer, or N ranks
+under the compact model's `--align N`, which the low-rank peer follows).
 The peers compute other functions than the dense model, so the benchmark checks only that their
 outputs are finite; the timings compare like-sized models.
 """
@@ -48,8 +49,11 @@ def build_peers(dense_model: nn.Module, compact_model: nn.Module, seed: int = 0,
     ratio = parameter_report(compact_model)["remaining_ratio"]
     structured = build_structured_peer(dense_model, ratio, seed=seed).eval()
     lowrank = copy.deepcopy(dense_model)
-    # low_rank_ratio is not used by method "lowrank" (its rank comes from remaining_ratio); any valid value
-    compress_for_benchmark(lowrank, ratio, ratio, seed=seed, svd_solver=svd_solver, method="lowrank")
+    # low_rank_ratio is not used by method "lowrank" (its rank comes from remaining_ratio); any valid value.
+    # Its ranks follow the compact model's --align, so both peers of a benchmark have the same kind of shapes.
+    config = getattr(compact_model, "losparse_config", None)
+    compress_for_benchmark(lowrank, ratio, ratio, seed=seed, svd_solver=svd_solver, method="lowrank",
+                           align=config.align if config is not None else "auto")
     return {"structured": structured, "lowrank": lowrank.eval()}
 
 

@@ -3,12 +3,15 @@
 * `plot_metric_vs_ratio`: metric vs remaining ratio per method, paper points as hollow markers (Figure 5);
 * `plot_kept_schedule`: the cubic kept fraction p_t of S with its mask-update steps (§3.2);
 * `plot_importance_histograms`: neuron-importance histograms of two settings (Figures 1 and 4);
-* `plot_singular_values`: normalised singular-value spectra of weight matrices (Figure 3).
+* `plot_singular_values`: normalised singular-value spectra of weight matrices (Figure 3);
+* `plot_accuracy_vs_latency`: accuracy vs measured latency per method, the dense model as reference
+  (the frontier of `losparse.tools.frontier`, drawn from the runs' latency.json).
 
 `python -m losparse.report DIRS --plots OUT` calls them all through `write_plots`: one metric plot per
 (task, metric) of the runs found, and, where the runs left the files they need, each distinct pruning
 schedule (`trainer_state.json` of a checkpoint gives T), ITP vs LoSparse importances (the pruner state
-of their newest checkpoints) and the spectra of fine-tuned dense models (`model.safetensors`).
+of their newest checkpoints), the spectra of fine-tuned dense models (`model.safetensors`) and, for runs
+timed by `python -m losparse.tools.frontier`, accuracy vs latency (`latency.json`; nothing is timed here).
 """
 
 from __future__ import annotations
@@ -96,6 +99,66 @@ def plot_metric_vs_ratio(records: Sequence[Mapping[str, Any]], task: Optional[st
         ax.legend(fontsize=7)
     else:
         ax.text(0.5, 0.5, "no runs", ha="center", va="center", transform=ax.transAxes)
+    return _save(fig, path)
+
+
+#: marker per method on the accuracy-vs-latency plot (the dense fine-tuned model is a star)
+FRONTIER_MARKERS = {"finetune": "*", "losparse": "o", "itp": "s", "structured": "^", "lowrank": "D", "movement": "v",
+                    "lpaf": "P", "lowrank_prune_all": "X"}
+
+
+def plot_accuracy_vs_latency(points: Sequence[Mapping[str, Any]], path: str, metric: str = "accuracy",
+                             title: Optional[str] = None, subtitle: Optional[str] = None) -> str:
+    """Accuracy (y, %) vs forward latency (x, ms): one marker style per method, each point labelled by its ratio.
+
+    `points`: dicts with method, ratio (requested remaining ratio), value (the metric in percent), latency_ms
+    and optionally distillation. Points of one method and ratio (seeds) are averaged, error bars their sample
+    std on both axes; a method's points are joined in ratio order. The dense fine-tuned model (method
+    finetune) is a black star with dashed guides at its accuracy and latency: a point up and to the left of
+    both guides beats it on both. The x axis starts at 0, so horizontal distances read as speed-ups.
+    """
+    groups: dict[tuple, dict[Optional[float], list[Mapping[str, Any]]]] = {}
+    for point in points:
+        if point.get("value") is None or point.get("latency_ms") is None:
+            continue
+        key = (point["method"], bool(point.get("distillation")))
+        ratio = None if point.get("ratio") is None else round(float(point["ratio"]), 6)
+        groups.setdefault(key, {}).setdefault(ratio, []).append(point)
+    fig, axes = _figure((6.5, 4.6))
+    ax = axes[0][0]
+    ordered = sorted(groups.items(), key=lambda kv: (method_sort_key(kv[0][0]), kv[0][1]))
+    for index, ((method, distill), by_ratio) in enumerate(ordered):
+        label = ("Fine-tune (dense)" if method == "finetune" else method_label(method)) + (
+            " + distillation" if distill else "")
+        rows = []
+        for ratio, runs in sorted(by_ratio.items(), key=lambda kv: -(kv[0] if kv[0] is not None else 2.0)):
+            x_mean, x_std, _ = summarize([r["latency_ms"] for r in runs])
+            y_mean, y_std, _ = summarize([r["value"] for r in runs])
+            rows.append((ratio, x_mean, x_std or 0.0, y_mean, y_std or 0.0))
+        xs, ys = [r[1] for r in rows], [r[3] for r in rows]
+        if method == "finetune" and not distill:
+            ax.errorbar(xs, ys, xerr=[r[2] for r in rows], yerr=[r[4] for r in rows], color="black",
+                        marker="*", markersize=13, linestyle="none", capsize=2, label=label, zorder=4)
+            ax.axhline(ys[0], color="0.45", linestyle="--", linewidth=0.8)
+            ax.axvline(xs[0], color="0.45", linestyle="--", linewidth=0.8)
+            continue
+        color = f"C{index % 10}"
+        ax.errorbar(xs, ys, xerr=[r[2] for r in rows], yerr=[r[4] for r in rows], color=color,
+                    marker=FRONTIER_MARKERS.get(method, "o"), markersize=7, linewidth=1.0, capsize=2, label=label,
+                    zorder=3)
+        for ratio, x, _, y, _ in rows:
+            if ratio is not None:
+                ax.annotate(f"{ratio * 100:g}%", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=7,
+                            color=color)
+    ax.set_xlim(left=0)
+    ax.set_xlabel("latency per forward (ms, median)")
+    ax.set_ylabel(f"{metric} (%)")
+    ax.set_title((title or f"{metric} vs latency") + (f"\n{subtitle}" if subtitle else ""), fontsize=9)
+    ax.grid(True, alpha=0.3)
+    if groups:
+        ax.legend(fontsize=7, loc="best")
+    else:
+        ax.text(0.5, 0.5, "no timed runs", ha="center", va="center", transform=ax.transAxes)
     return _save(fig, path)
 
 
@@ -408,10 +471,65 @@ def write_spectrum_plots(records: Sequence[Mapping[str, Any]], out_dir: str) -> 
     return paths
 
 
+def frontier_groups(records: Sequence[Mapping[str, Any]]) -> "OrderedDict[tuple, list[dict[str, Any]]]":
+    """The runs that have a latency.json, as accuracy-vs-latency points per (model, task, timing setting).
+
+    The setting (batch size, sequence length, threads, device, CPU model) is part of the key: latencies
+    measured differently are never put on one plot. Each point: method, ratio, distillation, latency_ms,
+    the record's metrics (percent) and the path.
+    """
+    from .frontier import read_latency
+
+    groups: "OrderedDict[tuple, list[dict[str, Any]]]" = OrderedDict()
+    for record in records:
+        latency = read_latency(record["path"])
+        if latency is None:
+            continue
+        setting = (latency.get("batch_size"), latency.get("seq_len"), latency.get("threads"), latency.get("device"),
+                   (latency.get("machine") or {}).get("cpu_model"))
+        groups.setdefault((record["model"], record["task"], setting), []).append(
+            {"method": record["method"], "ratio": record["ratio"], "distillation": record["distillation"],
+             "latency_ms": float(latency["latency_ms"]), "metrics": record["metrics"], "path": record["path"]})
+    return groups
+
+
+def write_frontier_plots(records: Sequence[Mapping[str, Any]], out_dir: str,
+                         file_name: Optional[str] = None) -> list[str]:
+    """One accuracy-vs-latency PNG per (model, task, timing setting) among the runs with a latency.json.
+
+    Files are `frontier-<model>-<task>-b<batch>-s<seq>-t<threads>.png`; with `file_name` (frontier.py's
+    --plot) the only group gets exactly that name, several get `<stem>-<model>-<task>-...png`.
+    """
+    groups = frontier_groups(records)
+    paths = []
+    for (model, task, setting), points in groups.items():
+        metrics = quality_metrics(points)
+        if not metrics:
+            continue
+        metric = metrics[0]
+        batch, seq, threads, device, cpu = setting
+        suffix = f"{_slug(model or 'model')}-{_slug(task or 'local')}-b{batch}-s{seq}-t{threads}"
+        if file_name and len(groups) == 1:
+            name = file_name
+        elif file_name:
+            stem, ext = os.path.splitext(file_name)
+            name = f"{stem}-{suffix}{ext or '.png'}"
+        else:
+            name = f"frontier-{suffix}.png"
+        subtitle = (f"batch {batch} × {seq} tokens, {threads} thread{'s' if threads != 1 else ''} on {device}"
+                    + (f" ({cpu})" if cpu and device == "cpu" else ""))
+        title = f"{model or 'model'} · {task or 'local data'}: {metric} vs latency"
+        paths.append(plot_accuracy_vs_latency([{**p, "value": p["metrics"].get(metric)} for p in points],
+                                              os.path.join(out_dir, name), metric=metric, title=title,
+                                              subtitle=subtitle))
+    return paths
+
+
 def write_plots(records: Sequence[Mapping[str, Any]], out_dir: str) -> list[str]:
     """Every figure the runs allow (the report's `--plots`): metric vs ratio per (task, metric), then
-    the schedules, importances and spectra that the runs' saved files allow."""
+    the schedules, importances and spectra that the runs' saved files allow, and accuracy vs latency for
+    the runs that `losparse.tools.frontier` timed (their latency.json; nothing is measured here)."""
     paths = write_metric_plots(records, out_dir)
-    for write in (write_schedule_plots, write_importance_plots, write_spectrum_plots):
+    for write in (write_schedule_plots, write_importance_plots, write_spectrum_plots, write_frontier_plots):
         paths += write(records, out_dir)
     return paths

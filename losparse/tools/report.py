@@ -7,7 +7,9 @@
 `render_table` prints one of the paper's Tables 1–5 (`losparse.tools.paper_results`) with each cell ours
 beside the paper's number and the difference, or the generic task × method × ratio table of every run
 (`claim`). The runs come from `losparse.tools.results`; `--plots` draws the figures of
-`losparse.tools.plots`. Tables need no torch; the figures that read saved weights do.
+`losparse.tools.plots`, among them accuracy vs latency for runs that `python -m losparse.tools.frontier`
+timed (it reads their latency.json; the report itself never times anything). Tables need no torch; the
+figures that read saved weights do.
 """
 
 from __future__ import annotations
@@ -227,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Write one metric-vs-remaining-ratio PNG per (task, metric) found into OUT_DIR, and "
                              "where the runs saved what they need: each pruning schedule p_t (from a checkpoint), "
                              "ITP vs LoSparse neuron importances (pruner state of a checkpoint) and the "
-                             "singular values of fine-tuned dense models (model.safetensors).")
+                             "singular values of fine-tuned dense models (model.safetensors), and accuracy vs "
+                             "latency for the runs that hold a latency.json (written by python -m "
+                             "losparse.tools.frontier; the report only reads it).")
     parser.add_argument("--markdown", metavar="OUT.md",
                         help="Also write the report (tables, and links to the plots) to this Markdown file.")
     return parser

@@ -89,6 +89,11 @@ CLAIM_METHODS = ("itp", "movement", "losparse")  # plus one finetune cell per mo
 CLAIM_RATIOS = (0.2, 0.15, 0.1)
 LPAF_CHECK_METHODS = ("lpaf", "losparse", "lowrank")  # LPAF vs LoSparse vs Low-rank I (plain SVD factorisation)
 LPAF_CHECK_RATIOS = (0.2, 0.1)
+#: accuracy vs latency (losparse.tools.frontier): the methods whose saved models differ in how they compute
+FRONTIER_METHODS = ("losparse", "itp", "structured", "lowrank")  # plus one finetune cell per model and seed
+FRONTIER_RATIOS = (0.2, 0.1)
+#: tables whose cells train --model_dirs on --train_file/--validation_file (default: the quickstart assets)
+LOCAL_DATA_TABLES = ("claim", "lpaf_check", "frontier")
 
 #: table -> (the `--table` id of `python -m losparse.report` (1-5, claim or all), description for --help)
 TABLES = {
@@ -113,6 +118,9 @@ TABLES = {
                             "the movie snippets): {lpaf, losparse, lowrank} x 0.2/0.1 + finetune, one seed each"),
     "claim": ("claim", "Real-weights check: --model_dirs (default the quickstart MiniLM) on local CSVs "
                        "(default the quickstart movie sentiment), {finetune, itp, movement, losparse} x 0.2/0.15/0.1"),
+    "frontier": ("claim", "Accuracy vs latency: the claim's models, data, config and seed, {losparse, itp, "
+                          "structured, lowrank} x 0.2/0.1 + finetune; then python -m losparse.tools.frontier times "
+                          "the saved models"),
 }
 
 
@@ -459,8 +467,12 @@ def lpaf_table(opts: Options) -> list[Cell]:
     return cells
 
 
-def claim(opts: Options, methods: Sequence[str] = CLAIM_METHODS, ratios: Sequence[float] = CLAIM_RATIOS) -> list[Cell]:
-    """Real pretrained weights on real local data: does LoSparse beat ITP and movement?"""
+def claim(opts: Options, methods: Sequence[str] = CLAIM_METHODS, ratios: Sequence[float] = CLAIM_RATIOS,
+          table: str = "claim") -> list[Cell]:
+    """Real pretrained weights on real local data: does LoSparse beat ITP and movement?
+
+    `table` names the directory the cells go to; a cell's command is the same in every table but for it.
+    """
     labels = [model_label(d) for d in opts.model_dirs]
     if len(set(labels)) != len(labels):
         raise SystemExit(f"error: --model_dirs need distinct directory names (they name the output dirs): {labels}")
@@ -468,7 +480,7 @@ def claim(opts: Options, methods: Sequence[str] = CLAIM_METHODS, ratios: Sequenc
     data = {"train_file": opts.train_file, "validation_file": opts.validation_file}
     cells = []
     for model_dir, label in zip(opts.model_dirs, labels):
-        common = dict(table="claim", script=RUN_GLUE, config=QUICKSTART, task=None, task_label=task, model=label,
+        common = dict(table=table, script=RUN_GLUE, config=QUICKSTART, task=None, task_label=task, model=label,
                       overrides={"model_name_or_path": model_dir, **data})
         for seed in opts.seeds:
             cells.append(cell(method="finetune", ratio=None, seed=seed, name=cell_name("finetune", 1.0, seed),
@@ -482,9 +494,16 @@ def lpaf_check(opts: Options) -> list[Cell]:
     return claim(opts, methods=LPAF_CHECK_METHODS, ratios=LPAF_CHECK_RATIOS)
 
 
+def frontier(opts: Options) -> list[Cell]:
+    """The claim's cells (same arguments) for LoSparse, ITP, structured and low-rank pruning, in frontier/: their
+    saved models are what `python -m losparse.tools.frontier` times for the accuracy-vs-latency plot."""
+    return claim(opts, methods=FRONTIER_METHODS, ratios=FRONTIER_RATIOS, table="frontier")
+
+
 BUILDERS: dict[str, Callable[[Options], list[Cell]]] = {
     "table1": table1, "table2": table2, "table3": table3, "table4": table4, "table5": table5, "table6": table6,
     "figure5": figure5, "figure6": figure6, "claim": claim, "lpaf": lpaf_table, "lpaf_check": lpaf_check,
+    "frontier": frontier,
 }
 
 
@@ -666,7 +685,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                "Output: <output_root>/<table>/<model>/<task>/<method>-r<ratio>[-lr<r>][-s<seed>]/ with all_results.json "
                "(a cell that has it is skipped; one with only checkpoint-N dirs resumes from the newest complete "
                "one) and the run's log in <that dir>.log.\n"
-               "Environment: DRY_RUN=1 is --dry_run; MODEL_DIRS='a b' is --model_dirs a b (claim).\n"
+               "Environment: DRY_RUN=1 is --dry_run; MODEL_DIRS='a b' is --model_dirs a b "
+               "(claim, lpaf_check, frontier).\n"
                "Example: python scripts/reproduce.py table2 --dry_run --only rte --num_gpus 4",
     )
     parser.add_argument("table", choices=list(TABLES), help="which table or figure to reproduce (see below)")
@@ -690,7 +710,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="interpreter that runs single-process cells (default: python, else this interpreter)")
     parser.add_argument("--keep_going", action="store_true",
                         help="after a failing cell, go on with the others (default: stop at the first failure)")
-    claim_group = parser.add_argument_group("claim (real-weights check)")
+    claim_group = parser.add_argument_group("claim, lpaf_check, frontier (real weights, local data)")
     claim_group.add_argument("--model_dirs", nargs="+", metavar="DIR",
                              help="local model dirs (env MODEL_DIRS); default: the quickstart all-MiniLM-L6-v2 from "
                                   "scripts/prepare_quickstart_assets.py")
@@ -715,8 +735,13 @@ def report_command(table: str, cells: Sequence[Cell], opts: Options) -> str:
     tables = [table] + sorted({c.table for c in cells} - {table})
     argv = ["python", "-m", "losparse.report", *(os.path.join(opts.output_root, t) for t in tables),
             "--table", TABLES[table][0]]
-    if table.startswith("figure"):
+    if table.startswith("figure") or table == "frontier":
         argv += ["--plots", os.path.join(opts.output_root, table, "plots")]
+    if table == "frontier":  # time the saved models first: the report draws the frontier from their latency.json
+        root = os.path.join(opts.output_root, table)
+        timing = ["python", "-m", "losparse.tools.frontier", root, "--markdown", os.path.join(root, "frontier.md"),
+                  "--json", os.path.join(root, "frontier.json"), "--plot", os.path.join(root, "frontier.png")]
+        return f"{shlex.join(timing)} && {shlex.join(argv)}"
     return shlex.join(argv)
 
 
@@ -888,7 +913,7 @@ def main(argv: Optional[Sequence[str]] = None, repo: Optional[str] = None) -> in
     if repo is not None:
         use_checkout(repo)
     args = parse_args(argv)
-    if args.table in ("claim", "lpaf_check"):
+    if args.table in LOCAL_DATA_TABLES:
         claim_inputs(args, args.dry_run)
     opts = options(args)
     warn = Warnings()
