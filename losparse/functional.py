@@ -87,6 +87,21 @@ def _apply_weight_transposed(g2: torch.Tensor, u: Optional[torch.Tensor], v: Opt
     return low_rank if sparse is None else low_rank.addmm_(g2, sparse)
 
 
+def _backward_operands(ctx: Any, grad_output: torch.Tensor, x: torch.Tensor, params: list) -> tuple:
+    """U, V, S in the forward's compute dtype, and grad_output / x flattened to (T, out) / (T, in) in x's dtype."""
+    dtype = ctx.compute_dtype
+    u, v, sparse = (t if t is None or dtype is None else t.to(dtype) for t in params)
+    g2 = grad_output.reshape(-1, grad_output.shape[-1])
+    if g2.dtype != x.dtype:
+        g2 = g2.to(x.dtype)
+    return u, v, sparse, g2, x.reshape(-1, x.shape[-1])
+
+
+def _in_param_dtypes(grads: tuple, params: list) -> tuple:
+    """Each gradient in its parameter's dtype (None stays None)."""
+    return tuple(None if g is None else g.to(p.dtype) for g, p in zip(grads, params))
+
+
 class _LoSparseLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, u: Optional[torch.Tensor], v: Optional[torch.Tensor],
@@ -115,14 +130,9 @@ class _LoSparseLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor):
-        x, u_param, v_param, sparse_param = ctx.saved_tensors
-        dtype = ctx.compute_dtype
-        u, v, sparse = (t if t is None or dtype is None else t.to(dtype) for t in (u_param, v_param, sparse_param))
+        x, *params = ctx.saved_tensors
+        u, v, sparse, g2, x2 = _backward_operands(ctx, grad_output, x, params)
         need_x, need_u, need_v, need_s, need_b = ctx.needs_input_grad[:5]
-        g2 = grad_output.reshape(-1, grad_output.shape[-1])
-        if g2.dtype != x.dtype:
-            g2 = g2.to(x.dtype)
-        x2 = x.reshape(-1, x.shape[-1])
         grad_x = grad_u = grad_v = grad_s = grad_b = None
         if need_x:
             grad_x = _apply_weight_transposed(g2, u, v, sparse, ctx.strategy).view(ctx.input_shape)
@@ -140,8 +150,7 @@ class _LoSparseLinearFunction(torch.autograd.Function):
                 grad_v = (g2 @ u).T @ x2
         if need_b:
             grad_b = g2.sum(0)
-        params = (u_param, v_param, sparse_param)
-        grad_u, grad_v, grad_s = (None if g is None else g.to(p.dtype) for g, p in zip((grad_u, grad_v, grad_s), params))
+        grad_u, grad_v, grad_s = _in_param_dtypes((grad_u, grad_v, grad_s), params)
         if grad_b is not None:
             grad_b = grad_b.to(ctx.bias_dtype)
         return grad_x, grad_u, grad_v, grad_s, grad_b, None, None
@@ -194,14 +203,9 @@ class _ShrunkLoSparseLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor):
-        x, u_param, v_param, sparse_param, alive = ctx.saved_tensors
-        dtype = ctx.compute_dtype
-        u, v, sparse = (t if t is None or dtype is None else t.to(dtype) for t in (u_param, v_param, sparse_param))
+        x, *params, alive = ctx.saved_tensors
+        u, v, sparse, g2, x2 = _backward_operands(ctx, grad_output, x, params)
         need_x, need_u, need_v, need_s, need_b = ctx.needs_input_grad[:5]
-        g2 = grad_output.reshape(-1, grad_output.shape[-1])
-        if g2.dtype != x.dtype:
-            g2 = g2.to(x.dtype)
-        x2 = x.reshape(-1, x.shape[-1])
         axis = ctx.axis
         grad_x = grad_u = grad_v = grad_s = grad_b = None
         if need_x:
@@ -215,8 +219,7 @@ class _ShrunkLoSparseLinearFunction(torch.autograd.Function):
             grad_v = (g2 @ u).T @ x2
         if need_b:
             grad_b = g2.sum(0).to(ctx.bias_dtype)
-        params = (u_param, v_param, sparse_param)
-        grad_u, grad_v, grad_s = (None if g is None else g.to(p.dtype) for g, p in zip((grad_u, grad_v, grad_s), params))
+        grad_u, grad_v, grad_s = _in_param_dtypes((grad_u, grad_v, grad_s), params)
         return grad_x, grad_u, grad_v, grad_s, grad_b, None, None, None, None, None
 
 

@@ -9,7 +9,6 @@ reloaded from disk.
 import json
 import math
 import os
-import random
 import re
 import subprocess
 from pathlib import Path
@@ -22,6 +21,7 @@ from losparse.errors import LoSparseUsageError
 from losparse.decompose import losparse_layers
 from losparse.layers import CompactLoSparseLinear, LoSparseLinear
 from losparse.tools import clm_oneshot_table
+from test_oneshot import _sentences
 
 SPECIAL = ["<pad>", "<unk>", "<s>", "</s>"]
 WORDS = "the a big small cat dog bird fish sat ran on in mat log tree pond .".split()
@@ -44,12 +44,6 @@ def _tiny_llama_dir(directory: str) -> str:
     PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
                             eos_token="</s>").save_pretrained(directory)
     return directory
-
-
-def _sentences(n: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    return [f"the {rng.choice(['big', 'small'])} {rng.choice(['cat', 'dog', 'bird', 'fish'])} "
-            f"{rng.choice(['sat', 'ran'])} on the {rng.choice(['mat', 'log', 'tree', 'pond'])} ." for _ in range(n)]
 
 
 @pytest.fixture(scope="module")

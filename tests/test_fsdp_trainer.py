@@ -10,7 +10,6 @@ last, partial batch would be padded differently by one process and by two), and 
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -19,22 +18,12 @@ import torch
 from safetensors.torch import load_file
 
 from test_clm import _argv, _save_model, data_files  # noqa: F401  (fixture)
+from test_fsdp import RENDEZVOUS_ERRORS, _env, _free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 FSDP_CONFIG = json.dumps({"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
                           "reshard_after_forward": True})
-RENDEZVOUS_ERRORS = ("Address already in use", "EADDRINUSE", "address already in use")
-
-
-def _env():
-    return {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def _run(command):
