@@ -27,6 +27,16 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+
+def write_json(path: str, result: dict[str, Any], sort_keys: bool = False) -> None:
+    """A benchmark's results as indented JSON at `path` (its directory created if needed)."""
+    import json
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2, sort_keys=sort_keys)
+
+
 # --------------------------------------------------------------------------------------------- timing
 
 

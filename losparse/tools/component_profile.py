@@ -75,6 +75,7 @@ from .benchmark import (
     threads_flag_error,
     timed_call_ms,
     timing_line,
+    write_json,
 )
 from .peers import (
     PeerOutputsNotFinite,
@@ -632,5 +633,5 @@ def main(argv: Optional[list[str]] = None, wall_started: Optional[float] = None)
         result["plot"] = plot_components(result, args.plot)
         print(f"plot: {result['plot']}", file=sys.stderr)
     if args.json:
-        inference_benchmark.write_json(args.json, result)
+        write_json(args.json, result)
     return 0

@@ -668,10 +668,9 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     text = render_markdown(entries, verdict, env, settings)
     print(text)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"cells": bodies, "environment": env, **settings, **verdict.fields()}, f, indent=2,
-                      sort_keys=True)
+        from .benchmark import write_json
+
+        write_json(args.json, {"cells": bodies, "environment": env, **settings, **verdict.fields()}, sort_keys=True)
         print(f"wrote {args.json}", file=sys.stderr)
     plots: list[str] = []
     if args.plot:

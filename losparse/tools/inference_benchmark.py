@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -71,6 +70,7 @@ from .benchmark import (
     random_inputs,
     threads_flag_error,
     timing_line,
+    write_json,
 )
 from .peers import PeerOutputsNotFinite, build_peers, check_peer_outputs, check_peers_supported, peer_target_params
 
@@ -769,12 +769,6 @@ def add_headline(result: dict[str, Any], records: list[dict[str, Any]]) -> None:
     timed = {f"{r['mode']}/{r['workload']}": TimingVerdict.from_fields(r) for r in records
              if "timing_check" in r and "derived_from" not in r}
     result.update(combine_verdicts(timed).fields())
-
-
-def write_json(path: str, result: dict[str, Any]) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
 
 
 def main(argv: Optional[list[str]] = None, wall_started: Optional[float] = None) -> int:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import tempfile
@@ -50,6 +49,7 @@ from .benchmark import (
     random_inputs,
     threads_flag_error,
     timing_line,
+    write_json,
 )
 
 ENCODER_ARCHS = sorted(name for name, spec in ARCHS.items() if spec.kind == "classification")
@@ -244,7 +244,5 @@ def main(argv: Optional[list[str]] = None, wall_started: Optional[float] = None)
     result.update(environment_record(environment, "scripts/benchmark_onnx.py", argv, wall_started))
     print(format_table(result))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
     return 0

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import tempfile
@@ -48,6 +47,7 @@ from .benchmark import (
     parameter_count,
     threads_flag_error,
     timing_line,
+    write_json,
 )
 
 GOAL_RATIO = 1.3
@@ -339,7 +339,5 @@ def main(argv: Optional[list[str]] = None, wall_started: Optional[float] = None)
     result.update(environment_record(environment, "scripts/benchmark_training.py", argv, wall_started))
     print(format_table(result))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
     return 0
