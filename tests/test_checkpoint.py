@@ -201,3 +201,17 @@ def test_a_checkpoint_from_before_a_field_existed_is_compared_with_that_fields_d
     check_same_compression(path, LoSparseConfig(**CONFIG), max_steps=8)
     with pytest.raises(LoSparseUsageError, match="--pruning_variant: checkpoint 'paper', this run 'reference'"):
         check_same_compression(path, LoSparseConfig(**CONFIG, pruning_variant="reference"), max_steps=8)
+
+
+def test_a_checkpoint_from_before_align_existed_resumes_as_align_1_only(tmp_path):
+    """Such a checkpoint names no `align`: its shapes were never aligned, so it matches --align 1, not the default."""
+    path = _checkpoint_with_config(tmp_path)
+    meta_path = os.path.join(path, "losparse_pruner.json")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    del meta["config"]["align"]
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    check_same_compression(path, LoSparseConfig(**{**CONFIG, "align": "1"}), max_steps=8)
+    with pytest.raises(LoSparseUsageError, match="align"):
+        check_same_compression(path, LoSparseConfig(**{**CONFIG, "align": "auto"}), max_steps=8)
