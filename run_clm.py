@@ -19,13 +19,21 @@ from typing import Optional, Sequence
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, default_data_collator
 
 from losparse import LoSparseConfig
-from losparse.cli import (ModelArguments, RunArguments, finish_run, load_models, make_trainer, parse_arguments,
-                          run_main, start_run)
-from losparse.distill import DistillationArguments
-from losparse.export import compact
-from losparse.oneshot import OneShotArguments, calibrated_init, check_oneshot_plan, read_calibration_ids
-from losparse.preflight import check_compression_plan, load_model_config
-from losparse.tasks import clm
+from losparse.cli.oneshot import OneShotArguments, calibrated_init, check_oneshot_plan, read_calibration_ids
+from losparse.cli.run import (
+    ModelArguments,
+    RunArguments,
+    finish_run,
+    load_models,
+    make_trainer,
+    parse_arguments,
+    run_main,
+    start_run,
+)
+from losparse.cli.tasks import clm
+from losparse.deploy.compact import compact
+from losparse.training.distill import DistillationArguments
+from losparse.training.preflight import check_compression_plan, load_model_config
 
 logger = logging.getLogger("losparse")
 

@@ -14,15 +14,20 @@ from __future__ import annotations
 import logging
 from typing import Optional, Sequence
 
-from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                          TrainingArguments)
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainingArguments,
+)
 
 from losparse import LoSparseConfig
-from losparse.cli import RunArguments, finish_run, load_models, make_trainer, parse_arguments, run_main, start_run
-from losparse.distill import DistillationArguments
-from losparse.oneshot import OneShotArguments, calibrated_init, check_oneshot_plan, read_calibration_ids
-from losparse.preflight import check_compression_plan, load_model_config
-from losparse.tasks import glue
+from losparse.cli.oneshot import OneShotArguments, calibrated_init, check_oneshot_plan, read_calibration_ids
+from losparse.cli.run import RunArguments, finish_run, load_models, make_trainer, parse_arguments, run_main, start_run
+from losparse.cli.tasks import glue
+from losparse.training.distill import DistillationArguments
+from losparse.training.preflight import check_compression_plan, load_model_config
 
 logger = logging.getLogger("losparse")
 

@@ -23,11 +23,19 @@ from typing import Optional, Sequence
 from transformers import AutoModelForQuestionAnswering, AutoTokenizer, TrainingArguments, default_data_collator
 
 from losparse import LoSparseConfig
-from losparse.cli import (ModelArguments, RunArguments, finish_run, load_models, make_trainer, parse_arguments,
-                          run_main, start_run)
-from losparse.distill import DistillationArguments
-from losparse.preflight import check_compression_plan, load_model_config
-from losparse.tasks import squad
+from losparse.cli.run import (
+    ModelArguments,
+    RunArguments,
+    finish_run,
+    load_models,
+    make_trainer,
+    parse_arguments,
+    run_main,
+    start_run,
+)
+from losparse.cli.tasks import squad
+from losparse.training.distill import DistillationArguments
+from losparse.training.preflight import check_compression_plan, load_model_config
 
 logger = logging.getLogger("losparse")
 

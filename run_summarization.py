@@ -18,15 +18,31 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from transformers import (AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq, Seq2SeqTrainer,
-                          Seq2SeqTrainingArguments)
+from transformers import (
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    DataCollatorForSeq2Seq,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+)
 
 from losparse import LoSparseConfig, LoSparseUsageError
-from losparse.cli import (ModelArguments, RunArguments, check_output_dir, finish_run, load_models, make_trainer,
-                          parse_arguments, run_main, setup_logging, start_run, write_json)
-from losparse.distill import DistillationArguments
-from losparse.preflight import check_compression_plan, load_model_config
-from losparse.tasks import summarization
+from losparse.cli.run import (
+    ModelArguments,
+    RunArguments,
+    check_output_dir,
+    finish_run,
+    load_models,
+    make_trainer,
+    parse_arguments,
+    run_main,
+    setup_logging,
+    start_run,
+    write_json,
+)
+from losparse.cli.tasks import summarization
+from losparse.training.distill import DistillationArguments
+from losparse.training.preflight import check_compression_plan, load_model_config
 
 logger = logging.getLogger("losparse")
 PREDICTIONS_FILE = "generated_predictions.txt"

@@ -11,7 +11,7 @@ Public API (PEFT-like):
 
 The names are imported lazily (PEP 562, as transformers does): `import losparse` loads neither torch
 nor transformers; the first use of a name imports the module that defines it. So torch-free tools
-(`losparse.yaml_config`, `losparse.tools.reproduce --dry_run`) stay instant.
+(`losparse.cli.yaml_config`, `reproduce.driver --dry_run`) stay instant.
 """
 
 from __future__ import annotations
@@ -19,34 +19,38 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from losparse import _moved
+from losparse._version import __version__
 
-#: public name -> the submodule that defines it
+_moved.install()
+
+#: public name -> the module that defines it
 _EXPORTS = {
-    "LoSparseConfig": "config",
-    "LoSparseUsageError": "errors",
-    "LoSparseLinear": "layers",
-    "CompactLoSparseLinear": "layers",
-    "LoSparsePruner": "pruner",
-    "LoSparseCallback": "trainer",
-    "LoSparseTrainer": "trainer",
-    "LoSparseTrainerMixin": "trainer",
-    "LoSparseSeq2SeqTrainer": "trainer",
-    "compose_trainer": "trainer",
-    "apply": "decompose",
-    "compact": "export",
-    "merge": "export",
-    "save": "export",
-    "load": "export",
-    "parameter_report": "export",
-    "format_report": "export",
-    "find_target_modules": "decompose",
-    "rank_for_ratio": "decompose",
-    "make_contiguous": "permute",
-    "optimize": "dispatch",
-    "format_optimize_report": "dispatch",
-    "export_onnx": "onnx_export",
-    "oneshot_compress": "oneshot",
+    "LoSparseConfig": "losparse.core.config",
+    "LoSparseUsageError": "losparse.core.errors",
+    "LoSparseLinear": "losparse.core.layers",
+    "CompactLoSparseLinear": "losparse.core.layers",
+    "LoSparsePruner": "losparse.core.pruner",
+    "apply": "losparse.core.decompose",
+    "find_target_modules": "losparse.core.decompose",
+    "rank_for_ratio": "losparse.core.decompose",
+    "LoSparseCallback": "losparse.training.trainer",
+    "LoSparseTrainer": "losparse.training.compose",
+    "LoSparseTrainerMixin": "losparse.training.trainer",
+    "LoSparseSeq2SeqTrainer": "losparse.training.compose",
+    "compose_trainer": "losparse.training.compose",
+    "compact": "losparse.deploy.compact",
+    "merge": "losparse.deploy.compact",
+    "parameter_report": "losparse.deploy.compact",
+    "format_report": "losparse.deploy.compact",
+    "save": "losparse.deploy.serialization",
+    "load": "losparse.deploy.serialization",
+    "make_contiguous": "losparse.deploy.permute",
+    "optimize": "losparse.deploy.dispatch",
+    "format_optimize_report": "losparse.deploy.dispatch",
+    "export_onnx": "losparse.deploy.onnx",
+    "oneshot_compress": "losparse.methods.oneshot.algorithm",
+    "get_method": "losparse.methods",
 }
 
 __all__ = list(_EXPORTS)
@@ -56,7 +60,7 @@ def __getattr__(name: str) -> Any:
     """Import the submodule that defines `name` on first use, and keep the value as a module attribute."""
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
     globals()[name] = value
     return value
 
@@ -66,15 +70,17 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what static analysers and IDEs see
-    from .config import LoSparseConfig
-    from .decompose import apply, find_target_modules, rank_for_ratio
-    from .errors import LoSparseUsageError
-    from .export import compact, format_report, load, merge, parameter_report, save
-    from .layers import CompactLoSparseLinear, LoSparseLinear
-    from .dispatch import format_optimize_report, optimize
-    from .oneshot import oneshot_compress
-    from .onnx_export import export_onnx
-    from .permute import make_contiguous
-    from .pruner import LoSparsePruner
-    from .trainer import (LoSparseCallback, LoSparseSeq2SeqTrainer, LoSparseTrainer, LoSparseTrainerMixin,
-                          compose_trainer)
+    from losparse.core.config import LoSparseConfig
+    from losparse.core.decompose import apply, find_target_modules, rank_for_ratio
+    from losparse.core.errors import LoSparseUsageError
+    from losparse.core.layers import CompactLoSparseLinear, LoSparseLinear
+    from losparse.core.pruner import LoSparsePruner
+    from losparse.deploy.compact import compact, format_report, merge, parameter_report
+    from losparse.deploy.dispatch import format_optimize_report, optimize
+    from losparse.deploy.onnx import export_onnx
+    from losparse.deploy.permute import make_contiguous
+    from losparse.deploy.serialization import load, save
+    from losparse.methods import get_method
+    from losparse.methods.oneshot.algorithm import oneshot_compress
+    from losparse.training.compose import LoSparseSeq2SeqTrainer, LoSparseTrainer, compose_trainer
+    from losparse.training.trainer import LoSparseCallback, LoSparseTrainerMixin

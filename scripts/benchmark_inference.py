@@ -5,7 +5,7 @@
         --device cpu --batch_size 4 --seq_len 128 --json out.json
     python scripts/benchmark_inference.py --help
 
-The benchmark is `losparse.tools.inference_benchmark` (what is built, timed and checked: its docstring).
+The benchmark is `benchmarks.inference` (what is built, timed and checked: its docstring).
 Exit codes: 0 ok, 1 outputs disagree, 2 bad arguments, 3 a workload failed.
 """
 
@@ -14,7 +14,10 @@ import time
 
 _STARTED = time.perf_counter()  # the wall time in the JSON includes the imports
 
-from losparse.tools import inference_benchmark  # noqa: E402
+import os
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: benchmarks/, reproduce/ (not part of the installed package)
+from benchmarks import inference as inference_benchmark  # noqa: E402
 
 
 def main(argv=None):

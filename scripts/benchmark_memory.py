@@ -5,7 +5,7 @@
     python scripts/benchmark_memory.py --preset smollm2-135m-shape --batch_size 1 --seq_len 128
     python scripts/benchmark_memory.py --help
 
-The benchmark is `losparse.tools.memory_benchmark` (what is measured and how: its docstring).
+The benchmark is `benchmarks.memory` (what is measured and how: its docstring).
 """
 
 import sys
@@ -13,7 +13,10 @@ import time
 
 _STARTED = time.perf_counter()  # the wall time in the JSON includes the imports
 
-from losparse.tools import memory_benchmark  # noqa: E402
+import os
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: benchmarks/, reproduce/ (not part of the installed package)
+from benchmarks import memory as memory_benchmark  # noqa: E402
 
 
 def main(argv=None):

@@ -5,7 +5,7 @@
         --batch_size 8 --seq_len 128 --threads auto --json onnx.json
     python scripts/benchmark_onnx.py --help
 
-Needs the `onnx` extra (`pip install -e .[onnx]`). The benchmark is `losparse.tools.onnx_benchmark`
+Needs the `onnx` extra (`pip install -e .[onnx]`). The benchmark is `benchmarks.onnx_runtime`
 (what is built, exported, checked and timed: its docstring).
 Exit codes: 0 ok, 1 onnxruntime disagrees with torch, 2 bad arguments.
 """
@@ -15,7 +15,10 @@ import time
 
 _STARTED = time.perf_counter()  # the wall time in the JSON includes the imports
 
-from losparse.tools import onnx_benchmark  # noqa: E402
+import os
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: benchmarks/, reproduce/ (not part of the installed package)
+from benchmarks import onnx_runtime as onnx_benchmark  # noqa: E402
 
 
 def main(argv=None):

@@ -5,7 +5,7 @@
     python scripts/benchmark_svd.py --device cuda --arch bert-base --shapes 4096x11008,11008x4096
 
 Part 1, per matrix shape (a "trained-like" random weight: noise plus a low-rank part with a decaying
-spectrum): median time of the exact `torch.linalg.svd` and of `losparse.decompose.randomized_top_svd`
+spectrum): median time of the exact `torch.linalg.svd` and of `losparse.core.decompose.randomized_top_svd`
 for the rank that --low_rank_ratio gives, and the randomized result's accuracy against the exact one:
 the relative error of the top-k singular values, and its residual ‖W − U·V‖ over the optimal
 (Eckart–Young) residual, which is 1 for a perfect top-k (both in float64: a float32 norm of a
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any, Optional
@@ -25,8 +26,10 @@ from typing import Any, Optional
 import torch
 
 import losparse
-from losparse.decompose import randomized_top_svd, rank_for_ratio
-from losparse.tools.benchmark import (
+from losparse.core.decompose import randomized_top_svd, rank_for_ratio
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: benchmarks/, reproduce/ (not part of the installed package)
+from benchmarks.common import (
     ARCHS,
     TimingVerdict,
     build_model,
@@ -142,7 +145,7 @@ def model_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], TimingVe
         started = time.perf_counter()
         losparse.apply(model, config)
         synchronize(args.device)
-        layers = sum(1 for _ in losparse.decompose.losparse_layers(model))
+        layers = sum(1 for _ in losparse.core.decompose.losparse_layers(model))
         rows.append({"arch": args.arch, "svd_solver": solver, "layers": layers,
                      "apply_s": time.perf_counter() - started})
         del model

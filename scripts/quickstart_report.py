@@ -7,7 +7,7 @@
 Accuracy comes from each run's all_results.json (the compressed one is measured on the compact model
 that was saved); latency is measured here, on the same sentences, for both models in one process,
 interleaved (dense, compressed, dense, ...) so a change in machine load hits both alike. Each speed-up
-is printed with the verdict of `losparse.tools.benchmark.judge_timing`: on a loaded machine (load average
+is printed with the verdict of `benchmarks.common.judge_timing`: on a loaded machine (load average
 above the cores) or with scattered repeats it says UNRELIABLE and why, next to the figure, and the
 JSON records timing_reliable / timing_warning.
 """
@@ -19,12 +19,15 @@ import csv
 import json
 import os
 import platform
+import sys
 from datetime import date
 
 import torch
 
 import losparse
-from losparse.tools.benchmark import (
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: benchmarks/, reproduce/ (not part of the installed package)
+from benchmarks.common import (
     combine_verdicts,
     interleaved_latency_ms,
     judge_timing,

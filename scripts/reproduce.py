@@ -6,14 +6,15 @@
     python scripts/reproduce.py table3 --only 'bert.*itp' --keep_going
     python scripts/reproduce.py claim --seeds 1 2 3 --mpnet_dir ~/models/mpnet
 
-The driver is `losparse.tools.reproduce` (cells, output layout, resume rules: see its docstring); this
+The driver is `reproduce.driver` (cells, output layout, resume rules: see its docstring); this
 script runs it on this checkout's configs/ and run scripts. `--dry_run` imports no torch.
 """
 
 import os
 import sys
 
-from losparse.tools.reproduce import run_command_line
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root: benchmarks/, reproduce/ (not part of the installed package)
+from reproduce.driver import run_command_line
 
 if __name__ == "__main__":
     sys.exit(run_command_line(repo=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))

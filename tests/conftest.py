@@ -16,7 +16,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Without a GPU, triton kernels can only run through its interpreter, and triton reads the switch when it is
-# first imported (any test module may import it first, e.g. through losparse.dispatch): set it for the session.
+# first imported (any test module may import it first, e.g. through losparse.deploy.dispatch): set it for the session.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -136,3 +136,46 @@ def assert_same_training_state(actual: dict, expected: dict) -> None:
             assert torch.equal(actual[name], tensor), name
         else:
             torch.testing.assert_close(actual[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
+
+
+#: random-weight tiny architectures for the deploy tests (the benchmarks have their own, bigger, `ARCHS`)
+TINY_ARCHS = {
+    "tiny-bert": ("BertForSequenceClassification", dict(
+        vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+        max_position_embeddings=512, num_labels=2)),
+    "tiny-bart": ("BartForConditionalGeneration", dict(
+        vocab_size=1000, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256, max_position_embeddings=512,
+        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None)),
+    "tiny-llama": ("LlamaForCausalLM", dict(
+        vocab_size=1000, hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2)),
+}
+
+
+def random_tiny_model(arch: str, seed: int = 0, num_layers=None):
+    """A TINY_ARCHS model with random weights, fp32, eval mode (`num_layers`: of a decoder-only model)."""
+    import transformers
+
+    class_name, values = TINY_ARCHS[arch]
+    if num_layers is not None:
+        values = {**values, "num_hidden_layers": num_layers}
+    model_class = getattr(transformers, class_name)
+    torch.manual_seed(seed)
+    return model_class(model_class.config_class(**values)).float().eval()
+
+
+def compress_randomly(model, remaining_ratio: float, low_rank_ratio: float, seed: int = 0, **config_values):
+    """`apply` → S masked to its exact final kept fraction by random neuron scores (a stand-in for training,
+    through the pruner's public `update_masks`) → `compact`, in place; returns the model."""
+    import losparse
+
+    config = losparse.LoSparseConfig(remaining_ratio=remaining_ratio, low_rank_ratio=low_rank_ratio,
+                                     svd_solver="randomized", **config_values)
+    torch.manual_seed(seed)
+    losparse.apply(model, config)
+    pruner = losparse.LoSparsePruner(model, total_steps=10)
+    scores = torch.rand(pruner.neuron_sizes.shape, generator=torch.Generator().manual_seed(seed))
+    pruner.update_masks(pruner.final_kept_fraction, scores=scores)
+    return losparse.compact(model)

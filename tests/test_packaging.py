@@ -32,8 +32,8 @@ def test_import_losparse_loads_neither_torch_nor_transformers():
     assert _heavy_modules_after("import losparse") == []
 
 
-@pytest.mark.parametrize("module", ["losparse.yaml_config", "losparse.errors", "losparse.tools.reproduce",
-                                    "losparse.tools.report"])
+@pytest.mark.parametrize("module", ["losparse.cli.yaml_config", "losparse.core.errors", "reproduce.driver",
+                                    "reproduce.report"])
 def test_torch_free_modules_import_no_torch(module):
     assert _heavy_modules_after(f"import {module}") == []
 
@@ -43,7 +43,7 @@ def test_every_public_name_is_there_on_first_use():
     proc = _python(f"import losparse\nfrom losparse import {names}\n"
                    "missing = [n for n in losparse.__all__ if n not in dir(losparse)]\n"
                    "assert not missing, missing\n"
-                   "assert losparse.apply is losparse.decompose.apply and losparse.load is losparse.export.load\n"
+                   "assert losparse.apply is losparse.core.decompose.apply and losparse.load is losparse.deploy.serialization.load\n"
                    "print(losparse.__version__)")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == losparse.__version__
@@ -76,31 +76,52 @@ def test_every_package_directory_is_found_by_the_install():
 
 
 def _python_files():
-    for top in ("losparse", "scripts", "tests"):
+    for top in ("losparse", "benchmarks", "reproduce", "scripts", "tests"):
         for directory, _, files in os.walk(os.path.join(ROOT, top)):
             yield from (os.path.join(directory, f) for f in files if f.endswith(".py"))
     yield from (os.path.join(ROOT, f) for f in os.listdir(ROOT) if f.endswith(".py"))
 
 
+#: the one sys.path edit allowed: a scripts/*.py wrapper putting the repository root first, so the repository
+#: tooling (benchmarks/, reproduce/, outside the installed package) imports, and scripts/reproduce.py does not
+#: shadow the `reproduce` package
+SCRIPT_ROOT_LINE = "sys.path." + "insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))"
+
+
 def test_no_sys_path_edits_and_no_script_imported_as_a_module():
     edit = re.compile(r"sys\.path\.(insert|append)\(")
-    script_import = re.compile(r"^\s*(import|from) (run_glue|run_squad|run_summarization)\b", re.M)
+    script_import = re.compile(r"^\s*(import|from) (run_glue|run_squad|run_summarization|run_clm)\b", re.M)
     for path in _python_files():
         with open(path) as f:
             text = f.read()
         where = os.path.relpath(path, ROOT)
+        if where.startswith("scripts" + os.sep):
+            text = text.replace(SCRIPT_ROOT_LINE, "")
         assert not edit.search(text), f"{where} edits sys.path; rely on the installed package instead"
         if where.startswith("tests"):
             assert not script_import.search(text), f"{where} imports a run script; use conftest.load_script"
 
 
-def test_the_algorithm_never_imports_the_tools():
-    """losparse.tools (benchmarks, reproduction, report) sits on top of the algorithm, never under it."""
-    uses_tools = re.compile(r"^\s*(from|import) (\.tools|\.\.tools|losparse\.tools)\b", re.M)
-    allowed = {os.path.join("losparse", "report.py")}  # the shim that keeps `python -m losparse.report`
-    for path in _python_files():
-        where = os.path.relpath(path, ROOT)
-        if where.startswith("losparse") and not where.startswith(os.path.join("losparse", "tools")) \
-                and where not in allowed:
+
+
+def test_the_package_stays_small_and_its_functions_short():
+    """The wheel holds the library only (tooling is in benchmarks/ and reproduce/): ≤ 12k lines, no function over
+    60 lines, and no plotting dependency (matplotlib is the `plots` extra)."""
+    import ast
+
+    lines, long_functions = 0, []
+    for directory, _, files in os.walk(os.path.join(ROOT, "losparse")):
+        for name in (f for f in files if f.endswith(".py")):
+            path = os.path.join(directory, name)
             with open(path) as f:
-                assert not uses_tools.search(f.read()), f"{where} imports losparse.tools"
+                text = f.read()
+            lines += text.count("\n")
+            long_functions += [f"{os.path.relpath(path, ROOT)}:{node.lineno} {node.name}"
+                               for node in ast.walk(ast.parse(text))
+                               if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                               and node.end_lineno - node.lineno + 1 > 60]
+    assert lines <= 12_000
+    assert not long_functions, long_functions
+    project = _pyproject()["project"]
+    assert not any(d.startswith("matplotlib") for d in project["dependencies"])
+    assert project["optional-dependencies"]["plots"] == ["matplotlib>=3.7"]

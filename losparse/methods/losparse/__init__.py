@@ -1,0 +1,3 @@
+"""The decompose → prune S → compact recipe (methods losparse, itp, movement, lowrank, lowrank_prune_all)."""
+
+from losparse.methods.losparse.method import LoSparseMethod

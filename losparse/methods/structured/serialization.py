@@ -1,0 +1,75 @@
+"""Save and reload a structurally pruned model: `save_pretrained` plus the kept structure per layer.
+
+The config of a pruned model still names the dense sizes, so the model is saved with `STRUCTURE_FILE`
+(kept heads and FFN width per layer) and reloaded with `load_structured`; a plain `from_pretrained`
+refuses it (shape mismatch), it never loads it wrongly.
+"""
+
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from torch import nn
+
+from losparse.core.errors import LoSparseUsageError
+from losparse.methods.structured.blocks import NoSelfAttention, encoder_blocks
+from losparse.methods.structured.removal import empty_linear, structure_of
+
+#: written beside a pruned model's config.json: the kept structure load_structured rebuilds
+STRUCTURE_FILE = "structured_pruning.json"
+
+
+def save_structured(model: nn.Module, directory: str, tokenizer: Any = None) -> str:
+    """`save_pretrained` plus `STRUCTURE_FILE`, so `load_structured` can rebuild the smaller shapes."""
+    model.save_pretrained(directory)
+    with open(os.path.join(directory, STRUCTURE_FILE), "w") as f:
+        json.dump(structure_of(model), f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return directory
+
+
+def load_structured(path: str, device: Any = None) -> nn.Module:
+    """Rebuild a model saved by `save_structured` (its class from config.json) and load its weights (eval mode)."""
+    import transformers
+    from safetensors.torch import load_file
+
+    structure_path = os.path.join(path, STRUCTURE_FILE)
+    if not os.path.isfile(structure_path):
+        raise LoSparseUsageError(f"{path!r} holds no {STRUCTURE_FILE}: not a structurally pruned model")
+    with open(structure_path) as f:
+        structure = json.load(f)
+    config = transformers.AutoConfig.from_pretrained(path)
+    architecture = (config.architectures or [None])[0]
+    model_class = getattr(transformers, architecture or "", None)
+    if model_class is None:
+        raise LoSparseUsageError(f"{path}/config.json names no transformers architecture ({architecture!r})")
+    model = model_class(config)
+    blocks = encoder_blocks(model)
+    if len(blocks) != len(structure["layers"]):
+        raise LoSparseUsageError(f"{structure_path}: {len(structure['layers'])} layers for a model of {len(blocks)}")
+    for block, kept in zip(blocks, structure["layers"]):
+        width = kept["heads"] * block.head_size
+        hidden = block.hidden_size
+        if kept["heads"] == 0:
+            block.layer.attention.self = NoSelfAttention()
+        else:
+            attention = block.attention
+            for name in ("query", "key", "value"):
+                setattr(attention, name, empty_linear(hidden, width, getattr(attention, name)))
+            attention.num_attention_heads, attention.all_head_size = kept["heads"], width
+        block.layer.attention.output.dense = empty_linear(width, hidden, block.attention_output)
+        block.layer.intermediate.dense = empty_linear(hidden, kept["intermediate_size"], block.intermediate)
+        block.layer.output.dense = empty_linear(kept["intermediate_size"], hidden, block.ffn_output)
+    state = load_file(os.path.join(path, "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    if unexpected or set(missing) - tied:
+        raise LoSparseUsageError(f"{path}: weights do not match the structure (missing {sorted(set(missing) - tied)}"
+                                 f", unexpected {sorted(unexpected)})")
+    model.tie_weights()
+    model.structure = structure
+    return model.to(device or "cpu").eval()
