@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 import datasets
-import transformers
 import torch
+import transformers
 from transformers import HfArgumentParser, set_seed
 
 from losparse.cli.yaml_config import resolve_yaml_config, to_flags
@@ -226,8 +226,6 @@ def write_json(path: str, payload: dict[str, Any]) -> None:
 
 def setup_logging(training_args: Any) -> None:
     """Readable logs on stdout; only the main process talks at INFO level under DDP."""
-    import logging
-
     level = logging.INFO if training_args.should_log else logging.WARNING
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stdout)], level=level)

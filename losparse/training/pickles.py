@@ -60,15 +60,17 @@ def check_safe_pickle(path: str, context: str, allow_numpy: bool = False) -> Non
 
     `context` starts the message (e.g. "--resume_from_checkpoint 'out/checkpoint-6'"). `allow_numpy`
     allowlists the numpy globals the Trainer allows for its RNG state files (and only for those).
-    Zip-format files are memory-mapped, so a large legitimate file costs little to check.
+    Zip-format files are memory-mapped, so a large legitimate file costs little to check. Only a refusal
+    is reported here: a file that fails to load otherwise (truncated, not a torch file) fails as before,
+    when and if it is read.
     """
     try:
         with warnings.catch_warnings(), (safe_globals() if allow_numpy else contextlib.nullcontext()):
             warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the error below says it all
             torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except (pickle.UnpicklingError, RuntimeError) as exc:
+    except Exception as exc:  # torch.load may fail on a damaged file with any error type
         if not _is_refusal(exc):
-            raise
+            return  # damaged or not a torch file: left to whatever reads it (a resume may never read it)
         raise LoSparseUsageError(
             f"{context}: {path} is a pickle that cannot be loaded safely (torch.load(weights_only=True) refuses "
             f"it: {_refusal_reason(exc)}); {ADVICE}"

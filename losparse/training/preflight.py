@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+from transformers import AutoConfig
 
 from losparse.core.decompose import plan_ranks, require_targets
 from losparse.core.errors import LoSparseUsageError
@@ -44,8 +45,6 @@ POSITION_ATTRIBUTES = ("max_position_embeddings", "n_positions")
 
 def load_model_config(model_name_or_path: str, cache_dir: Optional[str] = None, **config_kwargs: Any) -> Any:
     """`AutoConfig` of the model (no weights); an unloadable one is a one-line usage error."""
-    from transformers import AutoConfig
-
     try:
         return AutoConfig.from_pretrained(model_name_or_path, cache_dir=cache_dir, **config_kwargs)
     except (OSError, ValueError) as exc:
