@@ -1,9 +1,10 @@
 """`DecomposingMethod`: the hooks shared by every method that decomposes W = U·V + S and prunes S.
 
 The table rows it serves (`losparse.core.methods.METHOD_SPECS`) differ only in data — where the rank comes
-from, whether S is kept, which importance — so one class serves them all (`methods/losparse/`; `methods/lpaf/` changes only the pruner): `apply` decomposes, the pruning
-trainer (`LoSparseTrainerMixin` with `pruner_class`) prunes S on the cubic schedule, `compact` drops the
-pruned neurons and `save` writes the compact checkpoint `losparse.load` reads.
+from, whether S is kept, which importance — so one class serves them all (`methods/losparse/`;
+`methods/lpaf/` changes only the pruner): `apply` decomposes, the pruning trainer (`LoSparseTrainerMixin`
+with `pruner_class`) prunes S on the cubic schedule, `compact` drops the pruned neurons and `save` writes
+the compact checkpoint `losparse.load` reads.
 """
 
 from __future__ import annotations
