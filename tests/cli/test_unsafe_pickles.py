@@ -12,6 +12,7 @@ import shutil
 import pytest
 import torch
 from conftest import compress_randomly, load_script, random_tiny_model
+from test_run_glue import no_loading  # noqa: F401  (fixture: fail if the run loads data or a model)
 from transformers import AutoModelForSequenceClassification
 
 import losparse
@@ -153,17 +154,6 @@ def checkpoint(tiny_bert_dir, sentiment_files, tmp_path_factory):
     run_glue.main(_argv(tiny_bert_dir, sentiment_files, output_dir, "--remaining_ratio", "0.3", "--low_rank_ratio",
                         "0.1", "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "4"))
     return str(output_dir / "checkpoint-4")
-
-
-@pytest.fixture
-def no_loading(monkeypatch):
-    """Fail the test if the run gets as far as loading data or building the model."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the checkpoint should have been refused before loading")
-
-    monkeypatch.setattr(run_glue.glue, "load_data", refuse)
-    monkeypatch.setattr(run_glue.AutoModelForSequenceClassification, "from_pretrained", refuse)
 
 
 def test_a_real_checkpoint_passes_the_check(checkpoint):
