@@ -415,6 +415,16 @@ def format_finetune_table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def best_rows(result: dict[str, Any]) -> dict[str, str]:
+    """Per ratio (as text), the row of lowest held-out perplexity: the one a user would pick at that size."""
+    best: dict[str, dict[str, Any]] = {}
+    for c in result["cells"]:
+        key = f"{c['ratio']:g}"
+        if key not in best or c["perplexity"] < best[key]["perplexity"]:
+            best[key] = c
+    return {key: c["row"] for key, c in best.items()}
+
+
 def format_table(result: dict[str, Any]) -> str:
     ratios = result["ratios"]
     lines = [f"Held-out perplexity of one-shot compression: {result['model']} on {os.path.basename(result['text_file'])}"
@@ -428,6 +438,9 @@ def format_table(result: dict[str, Any]) -> str:
         cells = {c["ratio"]: c for c in result["cells"] if c["row"] == row}
         lines.append(f"| {row} | {ROWS[row][3]} | " + " | ".join(
             f"{cells[r]['perplexity']:.3f} ({cells[r]['achieved_ratio']:.2f})" for r in ratios) + " |")
+    best = best_rows(result)
+    lines += ["", "Best row per ratio (lowest perplexity): " + "; ".join(
+        f"ratio {r:g}: **{best[f'{r:g}']}**" for r in ratios if f"{r:g}" in best)]
     table = "\n".join(lines) + "\n"
     return table + "\n" + format_finetune_table(result) if result.get("finetune") else table
 
@@ -487,6 +500,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "dense": {"eval_loss": dense_loss, "perplexity": _perplexity(dense_loss)},
         "cells": cells, "seconds": round(time.perf_counter() - started, 1),
     }
+    result["best"] = best_rows(result)
     os.makedirs(args.output_dir, exist_ok=True)
     if args.finetune_steps:
         # the fine-tunes' inputs (dense export, compact one-shot start, text files) live only as long as the run

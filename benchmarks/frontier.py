@@ -62,6 +62,7 @@ from benchmarks.common import (
 from losparse.core.decompose import losparse_layers
 from losparse.core.errors import LoSparseUsageError
 from losparse.deploy.validation import LOSPARSE_CONFIG_FILE
+from losparse.methods import method_for_directory
 from losparse.methods.structured.serialization import STRUCTURE_FILE, load_structured
 from reproduce.results import (
     LATENCY_FILE,
@@ -93,7 +94,7 @@ class Cell:
 
     path: str
     record: dict[str, Any]      # `reproduce.results.record_from_results` of its all_results.json
-    kind: str                   # "losparse" (losparse.load), "structured" (load_structured), "dense" (from_pretrained)
+    kind: str                   # "losparse"/"method" (losparse.load), "structured" (load_structured), "dense"
     config: dict[str, Any]      # the model's config.json
     label: str = ""             # unique short name: the path below the cells' common directory
 
@@ -112,13 +113,16 @@ class Cell:
 
 
 def saved_model_kind(directory: str) -> Optional[str]:
-    """How the model saved in `directory` loads: "losparse", "structured", "dense", or None (none saved)."""
+    """How the model saved in `directory` loads: "losparse", "structured", "method" (another method's output,
+    through `losparse.load`), "dense", or None (none saved)."""
     if os.path.isfile(os.path.join(directory, LOSPARSE_CONFIG_FILE)):
         return "losparse"
     if not os.path.isfile(os.path.join(directory, "config.json")):
         return None
     if os.path.isfile(os.path.join(directory, STRUCTURE_FILE)):
         return "structured"
+    if method_for_directory(directory) is not None:
+        return "method"
     if any(os.path.isfile(os.path.join(directory, name)) for name in DENSE_WEIGHT_FILES):
         return "dense"
     return None
@@ -234,6 +238,8 @@ def load_model(cell: Cell, device: Any, optimize_inputs: Optional[dict[str, Any]
         model = losparse.load(cell.path, device=device, optimize=False)
         ignored = " (its recorded forms not applied)" if _recorded_forms(cell.path) else ""
         return model, f"losparse.load(optimize=False): compact layers as saved{ignored}"
+    if cell.kind == "method":
+        return losparse.load(cell.path, device=device), "losparse.load: a plain smaller transformers model"
     if cell.kind == "structured":
 
         return load_structured(cell.path, device=device), "load_structured: dense layers with fewer heads/neurons"
@@ -539,14 +545,14 @@ def render_markdown(entries: Sequence[Timed], verdict: Any, env: dict[str, Any],
             plain = next(e for e in group_entries if e.cell is cell and e.variant == "plain")
             best = next((e for e in group_entries if e.cell is cell and e.variant == "optimized"), None)
             value = cell.record["metrics"].get(metric)
-            label = method_label(cell.method) + (" + distillation" if cell.record["distillation"] else "")
+            label = method_label(cell.record["variant"]) + (" + distillation" if cell.record["distillation"] else "")
             row = [label, _ratio_text(cell.record), "—" if value is None else f"{value:.2f}",
                    f"{plain.latency_ms:.2f}", f"{dense_ms / plain.latency_ms:.2f}×" if dense_ms else "—",
                    f"{plain.parameters:,}"]
             if optimized:
                 row.append(f"{best.latency_ms:.2f}" if best else "")
             rows.append(row + [plain.loaded_with, cell.label])
-            point_rows.append({"method": cell.method, "ratio": cell.record["ratio"], "value": value,
+            point_rows.append({"method": cell.record["variant"], "ratio": cell.record["ratio"], "value": value,
                                "distillation": cell.record["distillation"], "latency_ms": plain.latency_ms})
         examples = next((n for n in (evaluation_examples(cell_of[p]) for p in cells) if n), None)
         parts += [f"### Accuracy vs latency: {model or 'model'} · {task or 'local data'}", "",

@@ -44,7 +44,7 @@ _EXPORTS = {
     "parameter_report": "losparse.deploy.compact",
     "format_report": "losparse.deploy.compact",
     "save": "losparse.deploy.serialization",
-    "load": "losparse.deploy.serialization",
+    "load": "losparse.loading",
     "make_contiguous": "losparse.deploy.permute",
     "optimize": "losparse.deploy.dispatch",
     "format_optimize_report": "losparse.deploy.dispatch",
@@ -79,7 +79,8 @@ if TYPE_CHECKING:  # what static analysers and IDEs see
     from losparse.deploy.dispatch import format_optimize_report, optimize
     from losparse.deploy.onnx import export_onnx
     from losparse.deploy.permute import make_contiguous
-    from losparse.deploy.serialization import load, save
+    from losparse.deploy.serialization import save
+    from losparse.loading import load
     from losparse.methods import get_method
     from losparse.methods.oneshot.algorithm import oneshot_compress
     from losparse.training.compose import LoSparseSeq2SeqTrainer, LoSparseTrainer, compose_trainer

@@ -50,7 +50,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from losparse.cli.yaml_config import load_table, resolve_table, table_ratios, table_tasks, to_flags
 from losparse.core.checkpoint import list_checkpoints, missing_files
@@ -65,7 +65,8 @@ RESULTS_FILE = "all_results.json"
 #: methods whose runs train with a pruner (the LoSparse one, or the structured one), so whose checkpoints
 #: must hold its state (losparse/core/methods.py: `decomposes` or `prunes_structures`); finetune (and
 #: distillation stages) do not.
-PRUNER_METHODS = ("losparse", "itp", "movement", "lowrank", "lowrank_prune_all", "lpaf", "structured")
+PRUNER_METHODS = ("losparse", "itp", "movement", "lowrank", "lowrank_prune_all", "lpaf", "structured",
+                  "structured_losparse", "cofi", "cofi_losparse")
 
 GLUE_DEBERTA = "configs/glue/deberta-v3-base.yaml"
 GLUE_BERT = "configs/glue/bert-base-uncased.yaml"
@@ -78,11 +79,14 @@ DISTILL_BERT = "configs/distillation/bert-base-uncased.yaml"
 QUICKSTART = "configs/quickstart/minilm-movie-sentiment.yaml"
 LPAF_GLUE_BERT = "configs/lpaf/bert-base-uncased-glue.yaml"
 LPAF_SQUAD_BERT = "configs/lpaf/bert-base-uncased-squad.yaml"
+TABLE7_BERT = "configs/table7/bert-base-uncased.yaml"
 
 RUN_GLUE, RUN_SQUAD, RUN_SUM = "run_glue.py", "run_squad.py", "run_summarization.py"
 
 TABLE5_RATIO = 0.2                       # Table 5: "We compress the model to 20%"
 TABLE6_RATIOS = (0.5, 0.25)              # Table 6: "to 25% and 50%"
+TABLE7_RATIO = 0.1                       # Table 7: "The compression ratio is 10%" (0.2 CoFi x 0.5 LoSparse)
+TABLE7_METHODS = ("cofi", "cofi_losparse")
 FIGURE6_RATIOS = (0.2, 0.1)              # Figure 6: remaining ratios of the allocation sweep
 FIGURE6_LOW_RANK_RATIOS = (0.01, 0.02, 0.03, 0.05, 0.1, 0.15)
 CLAIM_METHODS = ("itp", "movement", "losparse")  # plus one finetune cell per model and seed
@@ -92,6 +96,25 @@ LPAF_CHECK_RATIOS = (0.2, 0.1)
 #: accuracy vs latency (benchmarks.frontier): the methods whose saved models differ in how they compute
 FRONTIER_METHODS = ("losparse", "itp", "structured", "lowrank")  # plus one finetune cell per model and seed
 FRONTIER_RATIOS = (0.2, 0.1)
+#: the hybrids of the frontier, one cell per setting (its flags name the cell: -sr0.5 = --structured_ratio 0.5)
+FRONTIER_VARIANTS: dict[str, tuple[dict[str, Any], ...]] = {
+    "structured_losparse": ({"structured_ratio": 0.5}, {"structured_ratio": 0.25}),
+}
+#: the frontier's methods trained with the seed's fine-tuned dense model as the teacher, with their flags. CoFi:
+#: its distillation weights (alpha_ce 0.1, alpha_layer 0.9); its stages inside the claim's 1-epoch budget (the last
+#: 30 % fine-tunes the fixed structure, the target warms up over the first half of the pruning stage); the gates'
+#: learning rate 10x the reference's 0.01, which in ~200 pruning steps could move log α by ~2 from its start at
+#: 10 and so would leave the whole ratio to the end-of-pruning budget rule.
+#: CoFi + LoSparse: the same, with Appendix F's split ratio_LoSparse = 0.5 (so structured_ratio = 2 x the ratio:
+#: 0.2 at 10 %, Table 7's setting). A flag given as a function of the cell's ratio is resolved per cell.
+COFI_FRONTIER_FLAGS = {"alpha_output": 0.1, "alpha_layer": 0.9, "cofi_finetune_epochs": 0.3,
+                       "lagrangian_warmup_epochs": 0.35, "reg_learning_rate": 0.1}
+FRONTIER_DISTILLED: dict[str, dict[str, Any]] = {
+    "cofi": COFI_FRONTIER_FLAGS,
+    "cofi_losparse": {**COFI_FRONTIER_FLAGS, "structured_ratio": lambda ratio: round(2 * ratio, 6)},
+}
+#: short names of the variant flags in cell names
+VARIANT_ABBREVIATIONS = {"structured_ratio": "sr"}
 #: tables whose cells train --model_dirs on --train_file/--validation_file (default: the quickstart assets)
 LOCAL_DATA_TABLES = ("claim", "lpaf_check", "frontier")
 
@@ -108,6 +131,8 @@ TABLES = {
                     "finetune cell, students = the itp/losparse 20% cells of Tables 1/3, then a distillation stage"),
     "table6": ("all", "BERT-base + distillation at 50% and 25% (Table 6): MNLI, RTE, QNLI, SST-2; losparse, then "
                     "a distillation stage from the finetune cell"),
+    "table7": ("7", "CoFi and CoFi + LoSparse at 10% (Table 7): BERT-base on MNLI, MRPC, RTE, QNLI, SST-2, "
+                    "distilled from a teacher per task (a finetune cell, or --teacher_dirs TASK=DIR)"),
     "figure5": ("all", "Low-rank I/II vs LoSparse (Figure 5): MNLI, SQuAD (DeBERTaV3-base), XSum at their "
                            "tables' ratios"),
     "figure6": ("all", "Low-rank/sparse allocation (Figure 6): MNLI and RTE, ratios 0.2 and 0.1, "
@@ -119,8 +144,9 @@ TABLES = {
     "claim": ("claim", "Real-weights check: --model_dirs (default the quickstart MiniLM) on local CSVs "
                        "(default the quickstart movie sentiment), {finetune, itp, movement, losparse} x 0.2/0.15/0.1"),
     "frontier": ("claim", "Accuracy vs latency: the claim's models, data, config and seed, {losparse, itp, "
-                          "structured, lowrank} x 0.2/0.1 + finetune; then python -m benchmarks.frontier times "
-                          "the saved models"),
+                          "structured, lowrank, structured_losparse at structured_ratio 0.5/0.25, cofi and "
+                          "cofi_losparse distilled from the finetune cell} x 0.2/0.1 + finetune; then python -m "
+                          "benchmarks.frontier times the saved models"),
 }
 
 
@@ -289,6 +315,7 @@ class Options:
     model_dirs: list[str] = field(default_factory=list)
     train_file: Optional[str] = None
     validation_file: Optional[str] = None
+    teacher_dirs: dict[str, str] = field(default_factory=dict)  # table7: task -> given teacher (dir or hub id)
 
 
 def out_dir(opts: Options, cell_id: str) -> str:
@@ -418,6 +445,33 @@ def table6(opts: Options) -> list[Cell]:
     return cells
 
 
+def table7(opts: Options) -> list[Cell]:
+    """Per task: the teacher, then CoFi and CoFi + LoSparse at 10% distilled from it (configs/table7/).
+
+    The teacher is the task's finetune cell (ratios.1.0 of the config: Appendix F's MNLI recipe), unless
+    `--teacher_dirs TASK=DIR` names one (the paper's textattack/bert-base-uncased-<TASK> for the tasks but
+    MNLI): then that path is the teacher and the task has no finetune cell.
+    """
+    cells = []
+    for task in config_tasks(TABLE7_BERT):
+        given = opts.teacher_dirs.get(task)
+        for seed in opts.seeds:
+            if given:
+                teacher_path, deps = given, ()
+            else:
+                teacher = finetune_cell("table7", RUN_GLUE, TABLE7_BERT, task, seed)
+                cells.append(teacher)
+                teacher_path, deps = out_dir(opts, teacher.id), (teacher.id,)
+            for method in TABLE7_METHODS:
+                student = cell(table="table7", script=RUN_GLUE, config=TABLE7_BERT, task=task, method=method,
+                               ratio=TABLE7_RATIO, seed=seed, deps=deps,
+                               overrides={"teacher_model_name_or_path": teacher_path})
+                if given:
+                    student.notes.append(f"{task}: the teacher is --teacher_dirs {task}={given} (no finetune cell)")
+                cells.append(student)
+    return cells
+
+
 def figure5(opts: Options) -> list[Cell]:
     """Low-rank I (lowrank), Low-rank II (lowrank_prune_all) and LoSparse; the LoSparse points are the
     Table 1/3/4 cells themselves."""
@@ -467,11 +521,20 @@ def lpaf_table(opts: Options) -> list[Cell]:
     return cells
 
 
+def variant_suffix(flags: Mapping[str, Any]) -> str:
+    """The cell-name suffix of a variant's flags, e.g. {"structured_ratio": 0.5} -> "-sr0.5"."""
+    return "".join(f"-{VARIANT_ABBREVIATIONS.get(k, k)}{fmt(float(v)) if isinstance(v, (int, float)) else v}"
+                   for k, v in flags.items())
+
+
 def claim(opts: Options, methods: Sequence[str] = CLAIM_METHODS, ratios: Sequence[float] = CLAIM_RATIOS,
-          table: str = "claim") -> list[Cell]:
+          table: str = "claim", variants: Mapping[str, Sequence[Mapping[str, Any]]] = {},
+          distilled: Mapping[str, Mapping[str, Any]] = {}) -> list[Cell]:
     """Real pretrained weights on real local data: does LoSparse beat ITP and movement?
 
     `table` names the directory the cells go to; a cell's command is the same in every table but for it.
+    `variants`: more methods, one cell per flag setting (named by `variant_suffix`), after `methods`.
+    `distilled`: methods (with their flags) trained with the seed's finetune cell as the teacher.
     """
     labels = [model_label(d) for d in opts.model_dirs]
     if len(set(labels)) != len(labels):
@@ -483,10 +546,23 @@ def claim(opts: Options, methods: Sequence[str] = CLAIM_METHODS, ratios: Sequenc
         common = dict(table=table, script=RUN_GLUE, config=QUICKSTART, task=None, task_label=task, model=label,
                       overrides={"model_name_or_path": model_dir, **data})
         for seed in opts.seeds:
-            cells.append(cell(method="finetune", ratio=None, seed=seed, name=cell_name("finetune", 1.0, seed),
-                              **common))
+            teacher = cell(method="finetune", ratio=None, seed=seed, name=cell_name("finetune", 1.0, seed), **common)
+            cells.append(teacher)
             cells += [cell(method=m, ratio=r, seed=seed, **common) for r in ratios for m in methods]
+            cells += [_with_flags(common, m, r, seed, flags, variant_suffix(flags))
+                      for r in ratios for m, settings in variants.items() for flags in settings]
+            teacher_flags = {"teacher_model_name_or_path": out_dir(opts, teacher.id)}
+            cells += [_with_flags(common, m, r, seed, {**flags, **teacher_flags}, deps=(teacher.id,))
+                      for r in ratios for m, flags in distilled.items()]
     return cells
+
+
+def _with_flags(common: Mapping[str, Any], method: str, ratio: float, seed: int, flags: Mapping[str, Any],
+                suffix: str = "", deps: Sequence[str] = ()) -> Cell:
+    """A claim-style cell of `method` with `flags` added to the common overrides (a callable flag: of `ratio`)."""
+    values = {k: v(ratio) if callable(v) else v for k, v in flags.items()}
+    return cell(method=method, ratio=ratio, seed=seed, name=cell_name(method, ratio, seed, suffix=suffix), deps=deps,
+                **{**common, "overrides": {**common["overrides"], **values}})
 
 
 def lpaf_check(opts: Options) -> list[Cell]:
@@ -495,15 +571,17 @@ def lpaf_check(opts: Options) -> list[Cell]:
 
 
 def frontier(opts: Options) -> list[Cell]:
-    """The claim's cells (same arguments) for LoSparse, ITP, structured and low-rank pruning, in frontier/: their
-    saved models are what `python -m benchmarks.frontier` times for the accuracy-vs-latency plot."""
-    return claim(opts, methods=FRONTIER_METHODS, ratios=FRONTIER_RATIOS, table="frontier")
+    """The claim's cells (same arguments) for LoSparse, ITP, structured and low-rank pruning and the hybrids of
+    `FRONTIER_VARIANTS`, in frontier/: their saved models are what `python -m benchmarks.frontier` times for the
+    accuracy-vs-latency plot. Every cell gets the same optimizer steps (a hybrid splits them between stages)."""
+    return claim(opts, methods=FRONTIER_METHODS, ratios=FRONTIER_RATIOS, table="frontier", variants=FRONTIER_VARIANTS,
+                 distilled=FRONTIER_DISTILLED)
 
 
 BUILDERS: dict[str, Callable[[Options], list[Cell]]] = {
     "table1": table1, "table2": table2, "table3": table3, "table4": table4, "table5": table5, "table6": table6,
-    "figure5": figure5, "figure6": figure6, "claim": claim, "lpaf": lpaf_table, "lpaf_check": lpaf_check,
-    "frontier": frontier,
+    "table7": table7, "figure5": figure5, "figure6": figure6, "claim": claim, "lpaf": lpaf_table,
+    "lpaf_check": lpaf_check, "frontier": frontier,
 }
 
 
@@ -686,7 +764,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                "(a cell that has it is skipped; one with only checkpoint-N dirs resumes from the newest complete "
                "one) and the run's log in <that dir>.log.\n"
                "Environment: DRY_RUN=1 is --dry_run; MODEL_DIRS='a b' is --model_dirs a b "
-               "(claim, lpaf_check, frontier).\n"
+               "(claim, lpaf_check, frontier); TEACHER_DIRS='rte=A sst2=B' is --teacher_dirs rte=A sst2=B (table7).\n"
                "Example: python scripts/reproduce.py table2 --dry_run --only rte --num_gpus 4",
     )
     parser.add_argument("table", choices=list(TABLES), help="which table or figure to reproduce (see below)")
@@ -717,7 +795,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     claim_group.add_argument("--mpnet_dir", metavar="DIR", help="an MPNet model dir, added to the models")
     claim_group.add_argument("--train_file", help="training CSV/JSON (default: the quickstart movie-sentiment train.csv)")
     claim_group.add_argument("--validation_file", help="validation CSV/JSON (default: the quickstart validation.csv)")
+    table7_group = parser.add_argument_group("table7 (CoFi, CoFi + LoSparse)")
+    table7_group.add_argument("--teacher_dirs", nargs="+", metavar="TASK=DIR",
+                              help="given teachers, e.g. rte=~/models/textattack-bert-base-uncased-RTE (a dir or a hub "
+                                   "id; env TEACHER_DIRS): that task gets no finetune cell and distils from DIR")
     args = parser.parse_args(argv)
+    args.teacher_dirs = teacher_dirs(parser, args)
     if os.environ.get("DRY_RUN", "0").strip().lower() not in ("0", "", "false", "no", "off"):
         args.dry_run = True
     if args.num_gpus < 1:
@@ -728,6 +811,30 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         except re.error as exc:
             parser.error(f"--only {args.only!r} is not a regular expression: {exc}")
     return args
+
+
+def teacher_dirs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, str]:
+    """{task: teacher} from --teacher_dirs TASK=DIR ... (else env TEACHER_DIRS); table7 only, tasks of its config."""
+    items = args.teacher_dirs
+    if items and args.table != "table7":
+        parser.error(f"--teacher_dirs applies to table7 only, not {args.table}")
+    if items is None:
+        if args.table != "table7":
+            return {}
+        items = os.environ.get("TEACHER_DIRS", "").split()
+    tasks = config_tasks(TABLE7_BERT)
+    found: dict[str, str] = {}
+    for item in items:
+        task, sep, path = item.partition("=")
+        if not sep or not task or not path:
+            parser.error(f"--teacher_dirs {item!r}: write TASK=DIR, e.g. rte=~/models/bert-base-uncased-RTE")
+        if task not in tasks:
+            parser.error(f"--teacher_dirs {item!r}: {task!r} is not a task of {TABLE7_BERT}; choose from "
+                         f"{', '.join(tasks)}")
+        if task in found:
+            parser.error(f"--teacher_dirs names {task} twice")
+        found[task] = os.path.expanduser(path)
+    return found
 
 
 def report_command(table: str, cells: Sequence[Cell], opts: Options) -> str:
@@ -777,7 +884,7 @@ def options(args: argparse.Namespace) -> Options:
                    accelerate=not args.no_accelerate, extra=[f for e in args.extra for f in shlex.split(e)],
                    python=args.python or python_executable(),
                    model_dirs=args.model_dirs or [], train_file=args.train_file,
-                   validation_file=args.validation_file)
+                   validation_file=args.validation_file, teacher_dirs=dict(getattr(args, "teacher_dirs", None) or {}))
 
 
 def select_cells(table: str, opts: Options, only: Optional[str] = None) -> list[Cell]:

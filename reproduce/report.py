@@ -1,10 +1,10 @@
 """Our runs beside the paper's tables, in Markdown, and the report's command line.
 
-    python -m reproduce.report outputs/ [more dirs...] [--table 1|2|3|4|5|claim|all]
+    python -m reproduce.report outputs/ [more dirs...] [--table 1|2|3|4|5|7|claim|all]
                               [--plots OUT_DIR] [--markdown OUT.md]
     (the same as python -m reproduce.report ...)
 
-`render_table` prints one of the paper's Tables 1–5 (`reproduce.paper_results`) with each cell ours
+`render_table` prints one of the paper's Tables 1–5 and 7 (`reproduce.paper_results`) with each cell ours
 beside the paper's number and the difference, or the generic task × method × ratio table of every run
 (`claim`). The runs come from `reproduce.results`; `--plots` draws the figures of
 `benchmarks.plots`, among them accuracy vs latency for runs that `python -m benchmarks.frontier`
@@ -34,7 +34,7 @@ from reproduce.results import (
     summarize,
 )
 
-TABLE_CHOICES = ("1", "2", "3", "4", "5", "claim", "all")
+TABLE_CHOICES = ("1", "2", "3", "4", "5", "7", "claim", "all")
 NO_RUN = "—"
 MINUS = "−"
 
@@ -105,6 +105,8 @@ def _matches_column(record: Mapping[str, Any], column: Mapping[str, Any], table:
         return False
     if record["method"] in ("finetune", "lead3"):
         return True
+    if table.get("methods") and record["method"] not in table["methods"]:
+        return False
     return record["distillation"] == bool(table.get("distillation"))
 
 
@@ -116,7 +118,7 @@ def _paper_metric(cell: Any, index: int) -> Any:
 
 
 def render_paper_table(records: Sequence[Mapping[str, Any]], table_id: str) -> str:
-    """Markdown for one of the paper's Tables 1–5 with our runs beside the printed numbers."""
+    """Markdown for one of the paper's Tables 1–5 and 7 with our runs beside the printed numbers."""
     table = TABLES[str(table_id)]
     decimals = table["decimals"]
     columns = table["columns"]
@@ -203,7 +205,7 @@ def _covered_by_paper_table(record: Mapping[str, Any], table_id: str) -> bool:
 
 
 def render_table(records: Sequence[Mapping[str, Any]], table_id: str) -> str:
-    """Markdown for `table_id`: '1'–'5' (a paper table, ours beside the paper's numbers), 'claim'
+    """Markdown for `table_id`: '1'–'5' or '7' (a paper table, ours beside the paper's numbers), 'claim'
     (the generic task × method × ratio table of every run) or 'all' (the paper tables that have at
     least one of our runs, then the generic table)."""
     table_id = str(table_id)
@@ -224,14 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m reproduce.report",
         description="Collect the all_results.json of finished runs, compare them with the LoSparse paper's "
-                    "Tables 1-5 (ours beside the paper's numbers, with the difference), and draw metric vs "
+                    "Tables 1-5 and 7 (ours beside the paper's numbers, with the difference), and draw metric vs "
                     "remaining-ratio plots. Runs are matched by their JSON fields, not by directory names.",
     )
     parser.add_argument("results_dirs", nargs="+", metavar="RESULTS_DIR",
                         help="Directories searched recursively for all_results.json (or such files themselves).")
     parser.add_argument("--table", choices=TABLE_CHOICES, default="all",
-                        help="Paper table 1-5 (1: DeBERTaV3 GLUE, 2: BERT GLUE, 3: SQuAD, 4: BART summarization, "
-                             "5: distillation), 'claim' for the generic task x method x ratio table of every run, "
+                        help="Paper table 1-5 or 7 (1: DeBERTaV3 GLUE, 2: BERT GLUE, 3: SQuAD, 4: BART summarization, "
+                             "5: distillation, 7: CoFi and CoFi + LoSparse), 'claim' for the generic task x method "
+                             "x ratio table of every run, "
                              "or 'all' (default): the paper tables with at least one run, then the generic table.")
     parser.add_argument("--plots", metavar="OUT_DIR",
                         help="Write one metric-vs-remaining-ratio PNG per (task, metric) found into OUT_DIR, and "

@@ -42,7 +42,7 @@ QUALITY_METRICS = FRACTION_METRICS | PERCENT_METRICS
 METRIC_ORDER = ("accuracy", "mismatched_accuracy", "exact_match", "f1", "matthews_correlation", "pearson",
                 "spearmanr", "combined_score", "rouge1", "rouge2", "rougeL", "rougeLsum")
 METHOD_ORDER = ("finetune", "lead3", "losparse", "lpaf", "itp", "movement", "structured", "lowrank",
-                "lowrank_prune_all")
+                "lowrank_prune_all", "structured_losparse", "cofi", "cofi_losparse")
 
 
 # --------------------------------------------------------------------------------------------- collecting
@@ -133,6 +133,7 @@ def record_from_results(data: Mapping[str, Any], path: str) -> dict[str, Any]:
         "model": short_model_name(data.get("model_name_or_path")),
         "task": task.lower() if isinstance(task, str) else None,
         "method": method,
+        "variant": method_variant(method, config),
         "ratio": ratio,
         "low_rank_ratio": config.get("low_rank_ratio"),
         "achieved_ratio": achieved,
@@ -179,8 +180,25 @@ def summarize(values: Sequence[float]) -> tuple[float, Optional[float], int]:
     return mean, std, len(values)
 
 
+#: settings that tell two runs of one method apart (a hybrid's split), as (config field, abbreviation, words)
+VARIANT_FIELDS = {"structured_losparse": (("structured_ratio", "sr", "structured share"),)}
+
+
+def method_variant(method: str, config: Mapping[str, Any]) -> str:
+    """The method with the settings of `VARIANT_FIELDS`, e.g. "structured_losparse-sr0.5"; else the method."""
+    parts = [f"{short}{config[name]:g}" for name, short, _ in VARIANT_FIELDS.get(method, ())
+             if isinstance(config.get(name), (int, float))]
+    return "-".join([method, *parts])
+
+
 def method_label(method: str) -> str:
-    return METHOD_LABELS.get(method, method)
+    """The display name of a method, or of a `method_variant` ("Structured → LoSparse (structured share 0.5)")."""
+    base, *settings = method.split("-")
+    label = METHOD_LABELS.get(base, base)
+    words = {short: text for _, short, text in VARIANT_FIELDS.get(base, ())}
+    shown = [f"{words[s.rstrip('0123456789.')]} {s[len(s.rstrip('0123456789.')):]}" for s in settings
+             if s.rstrip("0123456789.") in words]
+    return f"{label} ({', '.join(shown)})" if shown else label
 
 
 def method_sort_key(method: str) -> tuple:

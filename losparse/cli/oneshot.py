@@ -24,6 +24,8 @@ from losparse.core.errors import LoSparseUsageError
 logger = logging.getLogger("losparse")
 
 CALIBRATION_EXTENSIONS = ("txt", "json", "jsonl")
+#: --calibration_seq_len when not given (capped at the model's positions)
+DEFAULT_CALIBRATION_SEQ_LEN = 512
 
 
 from losparse.methods.oneshot.algorithm import (
@@ -33,7 +35,13 @@ from losparse.methods.oneshot.algorithm import (
     check_oneshot_method,
     oneshot_compress,
 )
-from losparse.training.preflight import check_low_rank_share, check_max_length, is_compact_checkpoint, target_shapes
+from losparse.training.preflight import (
+    check_low_rank_share,
+    check_max_length,
+    is_compact_checkpoint,
+    position_limit,
+    target_shapes,
+)
 
 
 @dataclass
@@ -55,8 +63,9 @@ class OneShotArguments:
     num_calibration_samples: int = field(
         default=128, metadata={"help": "Calibration sequences (packed blocks of --calibration_seq_len tokens)."}
     )
-    calibration_seq_len: int = field(
-        default=512, metadata={"help": "Tokens per calibration sequence (at most the model's positions)."}
+    calibration_seq_len: Optional[int] = field(
+        default=None, metadata={"help": "Tokens per calibration sequence; default min(512, the model's positions). "
+                                        "An explicit value above the model's positions is refused."}
     )
     oneshot_lowrank: str = field(
         default="activation",
@@ -81,6 +90,8 @@ class OneShotArguments:
     def __post_init__(self) -> None:
         for name in ("num_calibration_samples", "calibration_seq_len", "oneshot_batch_size"):
             value = getattr(self, name)
+            if name == "calibration_seq_len" and value is None:
+                continue
             if not isinstance(value, int) or value < 1:
                 raise LoSparseUsageError(f"--{name} {value!r} must be >= 1")
         for name, choices in (("oneshot_lowrank", LOWRANK_CHOICES), ("oneshot_scores", SCORE_CHOICES),
@@ -166,6 +177,10 @@ def check_oneshot_plan(oneshot_args: OneShotArguments, config: LoSparseConfig, m
     if is_compact_checkpoint(model_name_or_path):
         raise LoSparseUsageError(f"--oneshot needs a dense model, but --model_name_or_path {model_name_or_path!r} is "
                                  "already a LoSparse checkpoint")
+    if oneshot_args.calibration_seq_len is None:
+        limit = position_limit(model_config)
+        oneshot_args.calibration_seq_len = min(DEFAULT_CALIBRATION_SEQ_LEN, limit[0]) if limit else \
+            DEFAULT_CALIBRATION_SEQ_LEN
     check_max_length("calibration_seq_len", oneshot_args.calibration_seq_len, model_config, model_name_or_path)
     shapes = target_shapes(auto_class, model_config, config)
     if not config.method_spec.has_sparse:

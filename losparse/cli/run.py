@@ -142,7 +142,9 @@ def check_output_dir(output_dir: Optional[str], overwrite: bool, resume_from_che
 #: What a run writes into its output_dir; `--overwrite_output_dir` removes these first, so no loader ever
 #: picks up an artifact of the previous run (e.g. an old compact model beside a new dense one).
 RUN_ARTIFACTS = ("losparse_config.json", "losparse_model.safetensors", "all_results.json", "generations.json",
-                 "structured_pruning.json")
+                 "structured_pruning.json", "cofi_pruning.json")
+#: directories of an earlier run this run would otherwise build on (the two-stage methods' first stage)
+RUN_ARTIFACT_DIRS = ("structured_stage",)
 
 
 def remove_stale_artifacts(output_dir: str) -> list[str]:
@@ -153,7 +155,8 @@ def remove_stale_artifacts(output_dir: str) -> list[str]:
         if os.path.isfile(path):
             os.remove(path)
             removed.append(name)
-    for checkpoint in list_checkpoints(output_dir):
+    for checkpoint in list_checkpoints(output_dir) + [os.path.join(output_dir, d) for d in RUN_ARTIFACT_DIRS
+                                                      if os.path.isdir(os.path.join(output_dir, d))]:
         shutil.rmtree(checkpoint)
         removed.append(os.path.basename(checkpoint))
     return removed
@@ -216,7 +219,9 @@ def resolve_resume(model_args: Any, losparse_config: Any, run_args: Any, trainin
     if checkpoint is not None:
         check_checkpoint_pickles(checkpoint)  # a pickle the safe loader refuses: one line now, not a traceback later
     if checkpoint is not None and needs_pruner:
-        check_same_compression(checkpoint, losparse_config, allow_change=run_args.allow_resume_config_change)
+        recorded_as = get_method(losparse_config.method).checkpoint_config(losparse_config)
+        if recorded_as is not None:
+            check_same_compression(checkpoint, recorded_as, allow_change=run_args.allow_resume_config_change)
 
 
 def write_json(path: str, payload: dict[str, Any]) -> None:

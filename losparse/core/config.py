@@ -23,6 +23,10 @@ SVD_SOLVERS = ("auto", "exact", "randomized")
 PRUNING_VARIANTS = ("paper", "reference")
 LPAF_IMPORTANCE = ("first_order", "magnitude", "sensitivity")
 LPAF_FACTORIZATIONS = ("em", "als", "plain")
+#: methods that keep `structured_ratio` of the structures and let LoSparse keep remaining / structured of the rest
+HYBRID_METHODS = ("structured_losparse", "cofi_losparse")
+#: CoFi's gate units (`--cofi_units`; losparse.methods.cofi.units)
+COFI_UNITS = ("hidden", "mha_layer", "head", "ffn_layer", "neuron")
 #: The methods whose S is neuron-pruned by `LoSparsePruner`, so it can shrink to its kept neurons (`losparse.core.shrink`).
 SHRINK_METHODS = tuple(name for name, spec in METHOD_SPECS.items()
                        if spec.decomposes and spec.has_sparse and not spec.prune_then_factorize)
@@ -136,6 +140,46 @@ class LoSparseConfig:
         default=10,
         metadata={"help": "LPAF only: iterations of the sparsity-aware SVD (from the plain SVD; never worse than it)."},
     )
+    structured_ratio: float = field(
+        default=0.5,
+        metadata={"help": "structured_losparse / cofi_losparse: the share of the targeted weights the structured part "
+                          "keeps (whole heads and FFN neurons / CoFi's gates); LoSparse then keeps remaining_ratio / structured_ratio of the "
+                          "survivors, so the product is remaining_ratio. Must lie in [remaining_ratio, 1]."},
+    )
+    structured_steps_fraction: float = field(
+        default=0.5,
+        metadata={"help": "structured_losparse only: the share of the run's optimizer steps given to the structured "
+                          "stage; the LoSparse stage gets the rest (the budget is the run's, never more)."},
+    )
+    cofi_units: Optional[str] = field(
+        default=None,
+        metadata={"help": "CoFi only: which gates to learn, a comma list of hidden,mha_layer,head,ffn_layer,neuron "
+                          "(hidden dims shared by all layers, whole MHA / FFN sub-layers, heads, FFN neurons). "
+                          "Default: all of them."},
+    )
+    lagrangian_warmup_epochs: float = field(
+        default=2.0,
+        metadata={"help": "CoFi only: epochs over which the Lagrangian's target sparsity rises linearly from 0 to "
+                          "1 - remaining_ratio, counted from the start of pruning (the reference's default 2)."},
+    )
+    lagrangian_warmup_steps: Optional[int] = field(
+        default=None,
+        metadata={"help": "CoFi only: the target's warmup in optimizer steps; overrides lagrangian_warmup_epochs."},
+    )
+    reg_learning_rate: float = field(
+        default=0.01,
+        metadata={"help": "CoFi only: learning rate of the separate AdamW of the gates' log alpha and the Lagrange "
+                          "multipliers (no weight decay; the multipliers ascend)."},
+    )
+    cofi_prefinetune_epochs: float = field(
+        default=0.0,
+        metadata={"help": "CoFi only: epochs of plain fine-tuning (no gates, no penalty) before pruning starts."},
+    )
+    cofi_finetune_epochs: float = field(
+        default=0.0,
+        metadata={"help": "CoFi only: epochs at the end of the run that fine-tune the final structure (gates fixed, "
+                          "no penalty); pruning gets num_train_epochs minus both stages."},
+    )
     shrink_sparse: bool = field(
         default=False,
         metadata={"help": "Drop pruned neurons for good: masks become monotone (a neuron pruned at a mask update is "
@@ -200,6 +244,8 @@ class LoSparseConfig:
             raise LoSparseUsageError(f"--pruning_interval {self.pruning_interval!r} must be >= 1")
         self._validate_align()
         self._validate_lpaf()
+        self._validate_cofi()
+        self._validate_hybrid()
         self._validate_method_options()
 
     def _validate_budget(self) -> None:
@@ -210,7 +256,8 @@ class LoSparseConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or math.isnan(value) or not 0.0 < value <= 1.0:
                 raise LoSparseUsageError(f"--{name} {value!r} is out of range; it must be in (0, 1]")
-        if self.method_spec.uses_low_rank_ratio and self.low_rank_ratio >= self.remaining_ratio:
+        if (self.method_spec.uses_low_rank_ratio and self.method not in HYBRID_METHODS
+                and self.low_rank_ratio >= self.remaining_ratio):
             raise LoSparseUsageError(
                 f"--low_rank_ratio {self.low_rank_ratio} must be below --remaining_ratio {self.remaining_ratio} "
                 "(the sparse part gets the difference)"
@@ -308,6 +355,43 @@ class LoSparseConfig:
         if self.method == "lpaf" and self.pruning_variant != "paper":
             raise LoSparseUsageError(f"--pruning_variant {self.pruning_variant!r} is not available with --method lpaf; "
                                      "LPAF prunes with the 'paper' arithmetic")
+
+    def _validate_cofi(self) -> None:
+        """CoFi's units, Lagrangian warmup, gate learning rate and stage lengths (checked for every method)."""
+        if self.cofi_units is not None:
+            parts = [part.strip() for part in str(self.cofi_units).split(",")]
+            bad = [part for part in parts if part not in COFI_UNITS]
+            if bad or len(set(parts)) != len(parts):
+                raise LoSparseUsageError(
+                    f"--cofi_units {self.cofi_units!r}: " + (f"unknown unit {bad[0]!r}" if bad else "a unit repeats")
+                    + f"; give a comma list of {','.join(COFI_UNITS)} (default: all)")
+        for name in ("lagrangian_warmup_epochs", "cofi_prefinetune_epochs", "cofi_finetune_epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise LoSparseUsageError(f"--{name} {value!r} is not allowed; it must be a finite number of epochs >= 0")
+        steps = self.lagrangian_warmup_steps
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+            raise LoSparseUsageError(f"--lagrangian_warmup_steps {steps!r} is not allowed; it must be an integer >= 0")
+        rate = self.reg_learning_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate <= 0:
+            raise LoSparseUsageError(f"--reg_learning_rate {rate!r} is not allowed; it must be a finite float > 0")
+
+    def _validate_hybrid(self) -> None:
+        """structured_losparse: the structured share must leave LoSparse a ratio in (low_rank_ratio, 1]."""
+        if not (isinstance(self.structured_ratio, (int, float)) and 0.0 < self.structured_ratio <= 1.0):
+            raise LoSparseUsageError(f"--structured_ratio {self.structured_ratio!r} is out of range; it must be in (0, 1]")
+        if not 0.0 < self.structured_steps_fraction < 1.0:
+            raise LoSparseUsageError(f"--structured_steps_fraction {self.structured_steps_fraction!r} is out of range; "
+                                     "it must be in (0, 1) (both stages need steps)")
+        if self.method not in HYBRID_METHODS:
+            return
+        if self.structured_ratio < self.remaining_ratio:
+            raise LoSparseUsageError(f"--structured_ratio {self.structured_ratio} is below --remaining_ratio "
+                                     f"{self.remaining_ratio}: LoSparse would have to keep more than all of the survivors")
+        if self.low_rank_ratio >= self.remaining_ratio / self.structured_ratio:
+            raise LoSparseUsageError(
+                f"--low_rank_ratio {self.low_rank_ratio} must be below the LoSparse stage's ratio remaining_ratio / "
+                f"structured_ratio = {self.remaining_ratio / self.structured_ratio:.4f}")
 
     @property
     def method_spec(self):

@@ -13,6 +13,9 @@ layer, importance, schedule and pruner code; only these choices differ:
 | `lpaf`              | factorised from the pruned S      | W, pruned per entry    | first-order | ratio, then factorised |
 | `finetune`          | — (the model is not decomposed)   |                        |             |                        |
 | `structured`        | none (not decomposed)             | W: heads, FFN neurons  | sensitivity | ratio (`structured.py`)|
+| `cofi`              | none (not decomposed)             | W: hidden, layers, heads, neurons | L0 gates | ratio (Lagrangian) |
+| `structured_losparse` | stage 2: as `losparse`          | stage 1: heads, FFN    | sensitivity | ratio / structured_ratio |
+| `cofi_losparse` | as `losparse`                   | CoFi gates + W − U·V   | sensitivity | ratio / structured_ratio |
 
 `lowrank` and `lowrank_prune_all` are the paper's "Low-rank I" and "Low-rank II" (§4.4).
 `lpaf` (Low-Rank Prune-And-Factorize, Ren & Zhu 2023) runs in two phases inside one training run: S = W is
@@ -62,6 +65,15 @@ METHOD_SPECS: dict[str, MethodSpec] = {
         MethodSpec("structured", False, None, False, None, prunes_structures=True,
                    description="structured pruning baseline: whole attention heads and FFN neurons, same "
                                "importance, schedule and global parameter-weighted threshold (BERT family)"),
+        MethodSpec("structured_losparse", True, "low_rank_ratio", True, None,
+                   description="teacher-free hybrid: whole heads and FFN neurons pruned to structured_ratio first, "
+                               "then LoSparse on the survivors to remaining_ratio / structured_ratio (BERT family)"),
+        MethodSpec("cofi_losparse", True, "low_rank_ratio", True, None,
+                   description="CoFi + LoSparse (paper Table 7): CoFi's sub-layer and head gates to structured_ratio, "
+                               "LoSparse's S pruning of the survivors to remaining_ratio / structured_ratio"),
+        MethodSpec("cofi", False, None, False, None, prunes_structures=True,
+                   description="CoFi (Xia et al. 2022): L0 gates on hidden dims, MHA/FFN sub-layers, heads and FFN "
+                               "neurons under a Lagrangian size constraint, optional distillation (BERT family)"),
         MethodSpec("lpaf", True, "remaining_ratio", True, None, prune_then_factorize=True,
                    description="LPAF: first-order unstructured pruning of W, then sparsity-aware SVD into U·V "
                                "and mixed-rank fine-tuning; saved as pure U·V"),

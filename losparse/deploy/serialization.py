@@ -11,7 +11,7 @@ import json
 import os
 import struct
 import sys
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 from safetensors.torch import save_model
@@ -284,7 +284,8 @@ def _read_weights(model: nn.Module, groups: list[list[tuple[str, torch.Tensor]]]
 
 def load(path: str, device: Optional[Union[str, torch.device]] = None,
          dtype: Union[None, str, torch.dtype] = None, optimize: Optional[bool] = None,
-         example_inputs: Optional[dict[str, Any]] = None) -> nn.Module:
+         example_inputs: Optional[dict[str, Any]] = None,
+         reshape: Optional[Callable[[nn.Module], Any]] = None) -> nn.Module:
     """Rebuild the compact model saved by `save` (offline), in eval mode, ready to use.
 
     `check_checkpoint` runs first, so a crafted or corrupt checkpoint fails with one
@@ -301,11 +302,14 @@ def load(path: str, device: Optional[Union[str, torch.device]] = None,
     manifest records are re-applied without measuring (a recorded "triton" falls back to compact where the
     kernel cannot run); False ignores them; True with `example_inputs` measures anew on this device
     (`model.losparse_optimize_report` holds the report), True without needs recorded forms.
+
+    reshape: for a model whose shapes config.json does not say (structurally pruned first), a function
+    giving the freshly built model its real shapes; it runs on the validation skeleton and on the model.
     """
     if example_inputs is not None and optimize is False:
         raise LoSparseUsageError("load(optimize=False, example_inputs=...): example_inputs are for measuring; "
                                  "drop them or pass optimize=True")
-    checked = check_checkpoint(path)
+    checked = check_checkpoint(path, reshape=reshape)
     if optimize is True and example_inputs is None and not checked.forms:
         raise LoSparseUsageError(f"load({path!r}, optimize=True): the checkpoint records no forms; pass "
                                  "example_inputs=... to measure them")
@@ -314,11 +318,19 @@ def load(path: str, device: Optional[Union[str, torch.device]] = None,
     if sys.byteorder != "little":  # safetensors stores little-endian bytes, which `_WeightsReader` copies as they are
         raise LoSparseUsageError("losparse.load reads safetensors files on little-endian machines only")
     model = _weightless_model(checked, path)
+    if reshape is not None:
+        reshape(model)
     groups = expected_tensors(model, checked.layers)  # also puts the (meta) compact layers in place
     _read_weights(model, groups, path, dtype, device)
     # What the file does not hold (non-persistent buffers) was computed by the constructor: give it the
     # dtype and device of the rest, as `model.to` did before (a no-op for the tensors loaded above).
     model.to(device=device, dtype=dtype)
+    return _finish_loaded(model, checked, path, optimize, example_inputs)
+
+
+def _finish_loaded(model: nn.Module, checked: CheckedCheckpoint, path: str, optimize: Optional[bool],
+                   example_inputs: Optional[dict[str, Any]]) -> nn.Module:
+    """`load`'s last steps: nothing left on meta, the recorded configs attached, eval mode, the forms applied."""
     left = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
     if left:
         raise LoSparseUsageError(f"{path}: {checked.model_class.__name__} leaves {left[0]} unset: it is neither in "
@@ -331,9 +343,7 @@ def load(path: str, device: Optional[Union[str, torch.device]] = None,
         layer.refresh_layout()  # kept_index was filled after the layers were built: find the contiguous ones
     model.eval()
     if example_inputs is not None:
-
         model.losparse_optimize_report = optimize_forms(model, example_inputs)
     elif checked.forms and optimize is not False:
-
         apply_forms(model, checked.forms, strict=False)
     return model

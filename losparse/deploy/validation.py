@@ -16,7 +16,7 @@ import copy
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import transformers
@@ -422,7 +422,7 @@ def _check_kept_indices(layers: dict[str, dict[str, Any]], path: str) -> None:
             _check_kept_index(f"{name}.kept_index", f.get_tensor(f"{name}.kept_index"), _num_neurons(spec), path)
 
 
-def check_checkpoint(path: str) -> CheckedCheckpoint:
+def check_checkpoint(path: str, reshape: Optional[Callable[[nn.Module], Any]] = None) -> CheckedCheckpoint:
     """Validate a compact checkpoint directory completely, allocating no real tensor sized by it.
 
     Every manifest field is checked against allowlists and the model config (built on the meta
@@ -430,6 +430,10 @@ def check_checkpoint(path: str) -> CheckedCheckpoint:
     and the kept indices against their layers. Any problem is one `LoSparseUsageError` naming the
     file and the field. Only the values of the weights are left unread: `load` refuses non-finite
     ones as it loads them, so a checkpoint that passes both computes what was saved.
+
+    `reshape(skeleton)`: called on the model config.json builds before its layers are compared with the
+    manifest, for checkpoints whose shapes config.json does not say (a structurally pruned model's kept heads
+    and FFN widths, applied by its loader).
     """
     _require_files(path)
     meta = _read_manifest(path)
@@ -441,6 +445,8 @@ def check_checkpoint(path: str) -> CheckedCheckpoint:
     model_class = _checkpoint_model_class(meta, model_config, path)
     generation_config = _read_generation_config(path)
     skeleton = _meta_skeleton(model_class, model_config, path)
+    if reshape is not None:
+        reshape(skeleton)
     layers = _check_layers(meta, skeleton, path)
     forms = _check_forms(meta, layers, path)
     _check_header(_read_header(path), expected_tensors(skeleton, layers), path)

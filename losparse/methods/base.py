@@ -18,6 +18,7 @@ shared code. Hooks a method does not need keep the defaults below.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Optional
 
 from losparse.core.config import LoSparseConfig
@@ -32,6 +33,9 @@ class CompressionMethod:
 
     #: the table rows this class runs (set by `register`)
     names: tuple[str, ...] = ()
+    #: the files a directory this method saved always holds (beside config.json); `losparse.load` picks the
+    #: method whose markers are all present, the one with the most markers first
+    saved_markers: tuple[str, ...] = ()
 
     def check(self, config: LoSparseConfig, model_name_or_path: str, auto_class: Any,
               cache_dir: Optional[str] = None) -> None:
@@ -56,6 +60,15 @@ class CompressionMethod:
         """A readable summary of `report` for the log (None: nothing to say)."""
         return None
 
+    def checkpoint_config(self, config: LoSparseConfig) -> Optional[LoSparseConfig]:
+        """The config the run's checkpoints record, which a resume is compared with before anything loads; None
+        when only the trainer can know it (a staged method's later stage): its callback compares it then."""
+        return config
+
+    def load(self, path: str, device: Any = None, **kwargs: Any) -> Any:
+        """Rebuild the model this method saved in `path` (see `saved_markers`), in eval mode."""
+        raise NotImplementedError(f"{type(self).__name__} saves nothing of its own to load")
+
 
 def register(*names: str) -> Callable[[type[CompressionMethod]], type[CompressionMethod]]:
     """Class decorator: run the table rows `names` with this class."""
@@ -67,6 +80,15 @@ def register(*names: str) -> Callable[[type[CompressionMethod]], type[Compressio
         cls.names = tuple(names)
         return cls
     return decorate
+
+
+def method_for_directory(path: str) -> Optional[CompressionMethod]:
+    """The registered method whose `saved_markers` are all in `path` (the most specific one), or None."""
+    candidates = {cls for cls in REGISTRY.values() if cls.saved_markers
+                  and all(os.path.isfile(os.path.join(path, marker)) for marker in cls.saved_markers)}
+    if not candidates:
+        return None
+    return max(candidates, key=lambda cls: (len(cls.saved_markers), cls.__name__))()
 
 
 def get_method(name: str) -> CompressionMethod:

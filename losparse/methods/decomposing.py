@@ -18,7 +18,8 @@ from losparse.core.decompose import apply, losparse_layers, resolve_svd_device
 from losparse.core.layers import LoSparseLinear
 from losparse.core.pruner import LoSparsePruner
 from losparse.deploy.compact import compact, format_report, parameter_report
-from losparse.deploy.serialization import save
+from losparse.deploy.serialization import load, save
+from losparse.deploy.validation import LOSPARSE_CONFIG_FILE
 from losparse.methods.base import CompressionMethod
 from losparse.training.compose import compose_trainer
 from losparse.training.optim import lean_optimizer_cls_and_kwargs
@@ -30,6 +31,7 @@ class DecomposingMethod(CompressionMethod):
     """Decompose, prune S during training, compact. Subclasses change the pruner (`pruner_class`)."""
 
     pruner_class: type = LoSparsePruner
+    saved_markers = (LOSPARSE_CONFIG_FILE,)
 
     def check(self, config: LoSparseConfig, model_name_or_path: str, auto_class: Any,
               cache_dir: Optional[str] = None) -> None:
@@ -70,3 +72,6 @@ class DecomposingMethod(CompressionMethod):
 
     def format_report(self, report: dict[str, Any]) -> Optional[str]:
         return format_report(report)
+
+    def load(self, path: str, device: Any = None, **kwargs: Any) -> Any:
+        return load(path, device=device, **kwargs)

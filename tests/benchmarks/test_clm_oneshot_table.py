@@ -280,3 +280,14 @@ def test_table_script_passes_finetune_steps_from_the_environment():
                          capture_output=True, text=True, check=True).stdout
     assert out.split()[1:] == ["-m", "benchmarks.clm_oneshot_table", "--output_dir", "out/x", "--finetune_steps",
                                "30", "--finetune_ratio", "0.6"]
+
+
+def test_the_table_names_the_best_row_of_every_ratio(oneshot_run):
+    output_dir, result, _ = oneshot_run
+    for ratio in result["ratios"]:
+        cells = [c for c in result["cells"] if c["ratio"] == ratio]
+        assert result["best"][f"{ratio:g}"] == min(cells, key=lambda c: c["perplexity"])["row"]
+    table = (output_dir / clm_oneshot_table.TABLE_FILE).read_text()
+    assert "Best row per ratio (lowest perplexity): " + "; ".join(
+        f"ratio {r:g}: **{result['best'][f'{r:g}']}**" for r in result["ratios"]) in table
+    assert json.loads((output_dir / clm_oneshot_table.JSON_FILE).read_text())["best"] == result["best"]

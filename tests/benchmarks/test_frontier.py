@@ -238,14 +238,32 @@ def _flag(argv: list[str], name: str):
     return values[-1] if values else None
 
 
-def test_frontier_table_dry_run_lists_nine_cells_with_the_claim_arguments(tmp_path):
+def test_frontier_table_dry_run_lists_the_cells_with_the_claim_arguments(tmp_path):
     commands, stdout = _dry(["bash", str(Path(ROOT) / "scripts" / "frontier_minilm.sh")], tmp_path)
     assert len((Path(ROOT) / "scripts" / "frontier_minilm.sh").read_text().splitlines()) <= 6
-    assert "9 cells: 0 done, 9 to run" in stdout
+    assert "17 cells: 0 done, 17 to run" in stdout
     by_name = {os.path.relpath(_flag(c, "--output_dir"), tmp_path): c for c in commands}
+    hybrids = {f"frontier/minilm/movies/structured_losparse-sr{s}-r{r}": s for s in ("0.5", "0.25") for r in (0.2, 0.1)}
+    distilled = {f"frontier/minilm/movies/{m}-r{r}" for m in ("cofi", "cofi_losparse") for r in (0.2, 0.1)}
     expected = {"frontier/minilm/movies/finetune-r1.0"} | {
         f"frontier/minilm/movies/{m}-r{r}" for m in ("losparse", "itp", "structured", "lowrank") for r in (0.2, 0.1)}
-    assert set(by_name) == expected
+    assert set(by_name) == expected | set(hybrids) | distilled
+    teacher = _flag(by_name["frontier/minilm/movies/finetune-r1.0"], "--output_dir")
+    for name in distilled:  # distilled from the fine-tuned dense cell, with CoFi's weights
+        argv = by_name.pop(name)
+        assert _flag(argv, "--teacher_model_name_or_path") == teacher
+        assert (_flag(argv, "--alpha_output"), _flag(argv, "--alpha_layer")) == ("0.1", "0.9")
+        ratio = float(name.rsplit("-r", 1)[1])
+        if "cofi_losparse" in name:  # Appendix F's split: LoSparse keeps half of what CoFi keeps
+            assert float(_flag(argv, "--structured_ratio")) == pytest.approx(2 * ratio)
+    claim, _ = _dry([sys.executable, str(Path(ROOT) / "scripts" / "reproduce.py"), "claim"], tmp_path)
+    claim_by_name = {os.path.relpath(_flag(c, "--output_dir"), tmp_path): c for c in claim}
+    for name, share in hybrids.items():  # the claim's losparse cell + --structured_ratio, another method and dir
+        argv = by_name.pop(name)
+        reference = claim_by_name[f"claim/minilm/movies/losparse-r{name.rsplit('-r', 1)[1]}"]
+        assert _flag(argv, "--method") == "structured_losparse" and _flag(argv, "--structured_ratio") == share
+        without = [a for i, a in enumerate(argv) if "--structured_ratio" not in argv[max(i - 1, 0):i + 1]]
+        assert {b for a, b in zip(without, reference) if a != b} == {"losparse", _flag(reference, "--output_dir")}
     for name, argv in by_name.items():
         method, ratio = re.match(r".*/(\w+)-r([\d.]+)$", name).groups()
         assert _flag(argv, "--method") == method and _flag(argv, "--seed") == "42"
@@ -253,8 +271,6 @@ def test_frontier_table_dry_run_lists_nine_cells_with_the_claim_arguments(tmp_pa
         assert _flag(argv, "--remaining_ratio") == (None if method == "finetune" else ratio)
     # finetune/itp/losparse: exactly the claim's commands but for the directory; structured/lowrank differ
     # from the claim's losparse cell of the same ratio only in --method.
-    claim, _ = _dry([sys.executable, str(Path(ROOT) / "scripts" / "reproduce.py"), "claim"], tmp_path)
-    claim_by_name = {os.path.relpath(_flag(c, "--output_dir"), tmp_path): c for c in claim}
     for name, argv in by_name.items():
         twin = name.replace("frontier/", "claim/", 1)
         if twin in claim_by_name:

@@ -257,3 +257,46 @@ def test_cli_plots_draw_schedules_importances_and_spectra_from_saved_runs(tmp_pa
     assert [n for n in names if n.startswith("spectrum-")] == ["spectrum-deberta-v3-base-rte-finetune-r1-s1.png"]
     assert "rte-accuracy.png" in names
     assert len(names) == 5
+
+
+def test_table_7_cofi_rows_beside_the_paper(tmp_path, capsys):
+    t7 = paper_results.TABLE_7["results"]
+    assert t7[("finetune", 1.0)] == {"mnli": 84.41, "mrpc": (87.74, 91.35), "rte": 72.56, "qnli": 91.54, "sst2": 92.43}
+    assert t7[("cofi", 0.1)] == {"mnli": 80.00, "mrpc": (84.07, 88.50), "rte": 67.51, "qnli": 86.67, "sst2": 90.60}
+    assert t7[("cofi_losparse", 0.1)] == {"mnli": 82.56, "mrpc": (85.54, 89.45), "rte": 68.23, "qnli": 89.66,
+                                          "sst2": 91.51}
+    root = tmp_path / "outputs"
+    bert, kd = "bert-base-uncased", {"teacher_model_name_or_path": "teacher", "alpha_layer": 0.9}
+    write_run(root, "mnli/finetune-r1.0", "finetune", 1.0, 42, "mnli",
+              {"accuracy": 0.8450, "mismatched_accuracy": 0.85}, model=bert)
+    write_run(root, "mnli/cofi-r0.1", "cofi", 0.1, 42, "mnli", {"accuracy": 0.7950, "mismatched_accuracy": 0.80},
+              model=bert, **kd)
+    write_run(root, "mrpc/cofi_losparse-r0.1", "cofi_losparse", 0.1, 42, "mrpc", {"accuracy": 0.86, "f1": 0.9001},
+              model=bert, **kd)
+    write_run(root, "rte/losparse-kd-r0.5", "losparse", 0.5, 42, "rte", {"accuracy": 0.70}, model=bert, **kd)
+    write_run(root, "rte/cofi-no-teacher", "cofi", 0.1, 42, "rte", {"accuracy": 0.61}, model=bert)
+    assert main([str(root), "--table", "7"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("### Table 7") and "Runs matched: 3" in text
+    header = next(line for line in text.splitlines() if line.startswith("| Ratio"))
+    assert header == "| Ratio | Method | MNLI Acc | MRPC Acc / F1 | RTE Acc | QNLI Acc | SST-2 Acc |"
+    rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| 10%") or
+            line.startswith("| 100%")}
+    assert list(rows) == ["BERT-base (teacher)", "CoFi", "CoFi + LoSparse"]  # only Table 7's methods, no extras
+    assert "84.50 (paper 84.41, +0.09)" in rows["BERT-base (teacher)"]
+    assert "79.50 (paper 80.00, −0.50)" in rows["CoFi"]
+    assert "— (paper 67.51)" in rows["CoFi"]  # the undistilled RTE run is not matched
+    assert "86.00 (paper 85.54, +0.46) / 90.01 (paper 89.45, +0.56)" in rows["CoFi + LoSparse"]
+    assert "— (paper 91.51)" in rows["CoFi + LoSparse"]
+
+
+def test_table_7_bad_input_is_one_line(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([str(empty), "--table", "7"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no readable all_results.json")
+    with pytest.raises(SystemExit) as exc:
+        main([str(empty), "--table", "6"])  # Table 6 has no paper table of its own here (see --table all)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exc.value.code == 2 and "invalid choice: '6'" in last and "7" in last

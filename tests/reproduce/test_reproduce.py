@@ -30,6 +30,7 @@ XSUM = "configs/summarization/bart-large-xsum.yaml"
 CNN = "configs/summarization/bart-large-cnn.yaml"
 DISTILL_DEBERTA = "configs/distillation/deberta-v3-base.yaml"
 DISTILL_BERT = "configs/distillation/bert-base-uncased.yaml"
+TABLE7 = "configs/table7/bert-base-uncased.yaml"
 FIGURE6_LOW_RANK = (0.01, 0.02, 0.03, 0.05, 0.1, 0.15)  # the brief's sweep (Figure 6's x-axis)
 FAKE_CLAIM = ["--model_dirs", "/fake/minilm", "/fake/mpnet", "--train_file", "/fake/movies/train.csv",
               "--validation_file", "/fake/movies/validation.csv"]
@@ -61,6 +62,8 @@ def expected_counts() -> dict[str, int]:
         "table5_distill_deberta": len(tasks(DISTILL_DEBERTA)) * (1 + 2 + 2),
         # teacher + 2 ratios x (losparse + distillation stage) per task
         "table6_distill_bert": len(tasks(DISTILL_BERT)) * (1 + 2 * 2),
+        # teacher (finetune) + cofi + cofi_losparse at 10% per task
+        "table7_cofi": len(tasks(TABLE7)) * (1 + 2),
         # {lowrank, lowrank_prune_all, losparse} at the ratios of Tables 1, 3, 4
         "figure5_lowrank_variants": 3 * (n_ratios(GLUE_DEBERTA, "mnli") + n_ratios(SQUAD_DEBERTA, "squad")
                                          + n_ratios(XSUM, "xsum")),
@@ -72,7 +75,7 @@ def expected_counts() -> dict[str, int]:
 
 
 def run(args: list[str], env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if k not in ("DRY_RUN", "MODEL_DIRS", "NUM_GPUS")}
+    full_env = {k: v for k, v in os.environ.items() if k not in ("DRY_RUN", "MODEL_DIRS", "NUM_GPUS", "TEACHER_DIRS")}
     full_env.update(env or {})
     return subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=60)
 
@@ -215,6 +218,105 @@ def test_table6_inlines_a_missing_ratio_and_bert_sst2(tmp_path: Path) -> None:
     assert any(flag(c, "--config") == GLUE_DEBERTA for c in sst2)  # the teacher uses the DeBERTa sst2 section
 
 
+#: Table 7's LoSparse part, (beta, r) of the 10% rows: Table 10 (BERT-base) for MNLI, RTE, QNLI, Table 9 (DeBERTaV3,
+#: the only table with MRPC and SST-2) for MRPC and SST-2; CoFi's schedule (pruning + fine-tune epochs, pre-finetune
+#: epochs, Lagrangian warm-up epochs) from its repository: large tasks 20 + 20, 1, 2; small tasks 100 + 20, 4, 20.
+TABLE7_LOSPARSE = {"mnli": (0.85, 0.05), "mrpc": (0.85, 0.03), "rte": (0.5, 0.02), "qnli": (0.85, 0.03),
+                   "sst2": (0.85, 0.01)}
+TABLE7_SCHEDULE = {"mnli": (40, 1, 2), "qnli": (40, 1, 2), "sst2": (40, 1, 2),
+                   "mrpc": (120, 4, 20), "rte": (120, 4, 20)}
+
+
+def _resolved(argv: list[str]) -> dict:
+    """The values the entry script gets for this command: its --config resolved, then its own flags."""
+    from losparse.cli.yaml_config import resolve_yaml_config
+
+    values = resolve_yaml_config(str(REPO / flag(argv, "--config")), flag(argv, "--task_name"),
+                                 float(flag(argv, "--remaining_ratio")), None)
+    for name in ("method", "teacher_model_name_or_path"):
+        if flag(argv, f"--{name}") is not None:
+            values[name] = flag(argv, f"--{name}")
+    return values
+
+
+def test_table7_cells_teachers_and_flags(tmp_path: Path) -> None:
+    proc = run([sys.executable, str(DRIVER), "table7", "--dry_run", "--output_root", str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr
+    commands, _, (cells, done, todo) = parse(proc.stdout)
+    assert set(tasks(TABLE7)) == set(TABLE7_LOSPARSE) and (cells, done, todo) == (15, 0, 15)
+    assert f"# then: python -m reproduce.report {tmp_path}/table7 --table 7" in proc.stdout
+    by_dir = {os.path.relpath(flag(c, "--output_dir"), tmp_path): c for c in commands}
+    for task, (beta, low_rank) in TABLE7_LOSPARSE.items():
+        base = f"table7/bert-base-uncased/{task}"
+        teacher = by_dir[f"{base}/finetune-r1.0"]
+        assert flag(teacher, "--method") == "finetune" and flag(teacher, "--teacher_model_name_or_path") is None
+        values = _resolved(teacher)
+        assert (values["learning_rate"], values["num_train_epochs"], values["per_device_train_batch_size"]) == (
+            3e-5, 3, 32)  # Appendix F's MNLI teacher recipe (the others: ASSUMPTION, the same)
+        assert values["alpha_output"] == values["alpha_layer"] == 0.0
+        epochs, prefinetune, warmup = TABLE7_SCHEDULE[task]
+        for method in ("cofi", "cofi_losparse"):
+            argv = by_dir[f"{base}/{method}-r0.1"]
+            assert argv[1] == "run_glue.py" and flag(argv, "--config") == TABLE7 and flag(argv, "--task_name") == task
+            assert flag(argv, "--method") == method and flag(argv, "--remaining_ratio") == "0.1"
+            assert flag(argv, "--teacher_model_name_or_path") == str(tmp_path / base / "finetune-r1.0")
+            assert commands.index(argv) > commands.index(teacher)  # the teacher runs first
+            values = _resolved(argv)
+            assert (values["beta1"], values["low_rank_ratio"], values["structured_ratio"]) == (beta, low_rank, 0.2)
+            assert (values["num_train_epochs"], values["cofi_prefinetune_epochs"], values["lagrangian_warmup_epochs"],
+                    values["cofi_finetune_epochs"]) == (epochs, prefinetune, warmup, 20)
+            assert (values["learning_rate"], values["per_device_train_batch_size"], values["max_seq_length"],
+                    values["reg_learning_rate"]) == (2e-5, 32, 128, 0.01)
+            assert (values["alpha_output"], values["alpha_layer"], values["distill_temperature"]) == (0.1, 0.9, 2.0)
+            assert values.get("gradient_accumulation_steps", 1) == 1 and "max_grad_norm" not in values
+
+
+def test_table7_given_teachers_replace_the_finetune_cells(tmp_path: Path) -> None:
+    commands, _, (cells, _, _) = dry("table7", tmp_path, "--teacher_dirs", "rte=/m/textattack-RTE", "sst2=/m/ta-sst2")
+    assert cells == 15 - 2
+    for task, teacher in (("rte", "/m/textattack-RTE"), ("sst2", "/m/ta-sst2")):
+        mine = [c for c in commands if flag(c, "--task_name") == task]
+        assert [flag(c, "--method") for c in mine] == ["cofi", "cofi_losparse"]
+        assert all(flag(c, "--teacher_model_name_or_path") == teacher for c in mine)
+    assert sum(flag(c, "--method") == "finetune" for c in commands) == 3
+    proc = run([sys.executable, str(DRIVER), "table7", "--dry_run", "--output_root", str(tmp_path)],
+               env={"TEACHER_DIRS": "mrpc=/m/ta-mrpc"})
+    assert parse(proc.stdout)[2][0] == 14 and "--teacher_model_name_or_path /m/ta-mrpc" in proc.stdout
+    assert "# note: mrpc: the teacher is --teacher_dirs mrpc=/m/ta-mrpc (no finetune cell)" in proc.stdout
+    for bad, message in ((["--teacher_dirs", "rte"], "write TASK=DIR"),
+                         (["--teacher_dirs", "cola=/x"], "'cola' is not a task of configs/table7"),
+                         (["--teacher_dirs", "rte=/a", "rte=/b"], "names rte twice")):
+        proc = run([sys.executable, str(DRIVER), "table7", "--dry_run", *bad])
+        assert proc.returncode == 2 and message in proc.stderr.splitlines()[-1] and not proc.stdout
+    proc = run([sys.executable, str(DRIVER), "table6", "--dry_run", "--teacher_dirs", "rte=/x"])
+    assert proc.returncode == 2 and "applies to table7 only" in proc.stderr
+
+
+def test_table7_resumes_cofi_cells_only_with_their_pruner_state(tmp_path: Path) -> None:
+    mnli = tmp_path / "table7" / "bert-base-uncased" / "mnli"
+    fake_checkpoint(mnli / "cofi-r0.1", 500, COMPLETE)                   # the gates' state was never written
+    fake_checkpoint(mnli / "cofi_losparse-r0.1", 500, COMPLETE + PRUNER)
+    fake_checkpoint(mnli / "finetune-r1.0", 300, COMPLETE)
+    commands, _, _ = dry("table7", tmp_path, "--only", "mnli")
+    by_name = {os.path.basename(flag(c, "--output_dir")): c for c in commands}
+    assert by_name["cofi-r0.1"][-1] == "--overwrite_output_dir"
+    for name in ("cofi_losparse-r0.1", "finetune-r1.0"):
+        assert flag(by_name[name], "--resume_from_checkpoint") == "true"
+
+
+def test_table7_students_wait_for_their_teacher(tmp_path: Path) -> None:
+    fake = tmp_path / "fake_python"
+    fake.write_text(FAKE_PYTHON.format(python=sys.executable))
+    fake.chmod(0o755)
+    base = [sys.executable, str(DRIVER), "table7", "--output_root", str(tmp_path / "out"), "--python", str(fake)]
+    proc = run(base + ["--only", "rte/cofi"], env={"DRY_RUN": "0"})
+    assert proc.returncode == 1 and "blocked table7/bert-base-uncased/rte/cofi-r0.1: needs " in proc.stdout
+    proc = run(base + ["--only", "/rte/"], env={"DRY_RUN": "0"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in ("finetune-r1.0", "cofi-r0.1", "cofi_losparse-r0.1"):
+        assert (tmp_path / "out/table7/bert-base-uncased/rte" / name / "all_results.json").is_file()
+
+
 def test_figure6_sweeps_low_rank_below_the_ratio(tmp_path: Path) -> None:
     commands, _, _ = dry("figure6", tmp_path)
     pairs = {(flag(c, "--task_name"), float(flag(c, "--remaining_ratio")), float(flag(c, "--low_rank_ratio")))
@@ -238,7 +340,7 @@ class _AnyKey:
 def test_every_config_command_resolves_with_the_entry_scripts_loader(tmp_path: Path) -> None:
     resolve = _load_cli_resolver()
     lookups = set()
-    for table in ("table1", "table2", "table3", "table4", "table5", "table6", "figure5", "figure6"):
+    for table in ("table1", "table2", "table3", "table4", "table5", "table6", "table7", "figure5", "figure6"):
         for argv in dry(table, tmp_path)[0]:
             if flag(argv, "--config") is not None:
                 lookups.add((flag(argv, "--config"), flag(argv, "--task_name"), flag(argv, "--remaining_ratio")))
@@ -324,7 +426,7 @@ def test_distillation_stage_waits_for_its_student_and_teacher(tmp_path: Path) ->
 def test_help_lists_every_table() -> None:
     proc = run([sys.executable, str(DRIVER), "--help"])
     assert proc.returncode == 0
-    for table in ("table1", "table2", "table3", "table4", "table5", "table6", "figure5", "figure6", "claim"):
+    for table in ("table1", "table2", "table3", "table4", "table5", "table6", "table7", "figure5", "figure6", "claim"):
         assert re.search(rf"^  {table}\s", proc.stdout, re.M)
 
 
@@ -457,8 +559,10 @@ def test_the_driver_uses_the_trainers_completeness_rule() -> None:
 
     driver = _load_driver()
     assert driver.missing_files is __import__("losparse.core.checkpoint", fromlist=["missing_files"]).missing_files
-    assert set(driver.PRUNER_METHODS) == {name for name, spec in METHOD_SPECS.items()
-                                          if spec.decomposes or spec.prunes_structures}
+    # cofi_losparse (Table 7) is listed before losparse.core.methods registers it; once registered it must prune
+    pending = {"cofi_losparse"} - set(METHOD_SPECS)
+    assert set(driver.PRUNER_METHODS) - pending == {name for name, spec in METHOD_SPECS.items()
+                                                    if spec.decomposes or spec.prunes_structures}
     done = subprocess.run([sys.executable, "-c", "import sys, losparse.core.checkpoint; assert 'torch' not in sys.modules"],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

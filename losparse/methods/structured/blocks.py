@@ -17,6 +17,7 @@ from torch import nn
 
 from losparse.core.errors import LoSparseUsageError
 from losparse.core.families import family_of
+from losparse.core.layers import CompactLoSparseLinear, LoSparseLinear
 from losparse.core.pruner import keep_within_budget
 
 #: model types whose encoder layers have BERT's module names (attention.self.query, ..., output.dense)
@@ -95,8 +96,12 @@ def check_supported(model_or_config: Any) -> None:
         )
 
 
-def encoder_blocks(model: nn.Module) -> list[EncoderBlock]:
-    """The encoder layers of a BERT-family model, in module order (checked: supported type, layers found)."""
+def encoder_blocks(model: nn.Module, decomposed_ok: bool = False) -> list[EncoderBlock]:
+    """The encoder layers of a BERT-family model, in module order (checked: supported type, layers found).
+
+    `decomposed_ok`: the matrices may be LoSparse layers, training or compact form (the hybrids gate or slice
+    decomposed layers); by default only plain `nn.Linear`s are accepted (the structured pruner reads `.weight`).
+    """
     check_supported(model)
     config = model.config
     head_size = config.hidden_size // config.num_attention_heads
@@ -108,9 +113,10 @@ def encoder_blocks(model: nn.Module) -> list[EncoderBlock]:
             blocks.append(EncoderBlock(name, module, head_size))
     if not blocks:
         raise LoSparseUsageError(f"--method structured: no encoder layers found in {type(model).__name__}")
+    allowed = (nn.Linear, LoSparseLinear, CompactLoSparseLinear) if decomposed_ok else (nn.Linear,)
     for block in blocks:
-        if not all(type(m) is nn.Linear for m in (*block.qkv, block.attention_output, block.intermediate,
-                                                   block.ffn_output)):
+        if not all(type(m) in allowed for m in (*block.qkv, block.attention_output, block.intermediate,
+                                                 block.ffn_output)):
             raise LoSparseUsageError(
                 f"--method structured: {block.name} holds non-Linear (decomposed?) matrices; start from a plain model"
             )

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from losparse.core.config import LoSparseConfig
+from losparse.core.errors import LoSparseUsageError
 from losparse.methods.base import CompressionMethod, register
 from losparse.methods.structured.blocks import check_supported
 from losparse.methods.structured.pruner import check_structured_config
 from losparse.methods.structured.removal import remove_pruned_structures, structured_report
-from losparse.methods.structured.serialization import save_structured
+from losparse.methods.structured.serialization import STRUCTURE_FILE, load_structured, save_structured
 from losparse.methods.structured.trainer import structured_trainer
 from losparse.training.compose import compose_trainer
 from losparse.training.preflight import load_model_config
@@ -18,6 +19,8 @@ from losparse.training.preflight import load_model_config
 @register("structured")
 class StructuredMethod(CompressionMethod):
     """Prune heads and neurons on LoSparse's schedule, slice them out, save a plain smaller model."""
+
+    saved_markers = (STRUCTURE_FILE,)
 
     def check(self, config: LoSparseConfig, model_name_or_path: str, auto_class: Any,
               cache_dir: Optional[str] = None) -> None:
@@ -50,3 +53,9 @@ class StructuredMethod(CompressionMethod):
         return (f"structured: {report['num_layers']} layers pruned to remaining ratio {report['remaining_ratio']:.4f} "
                 f"of the targeted matrices (heads/FFN width per layer: {widths}); whole model "
                 f"{report['model_params_dense']:,} -> {report['model_params']:,} params")
+
+    def load(self, path: str, device: Any = None, **kwargs: Any) -> Any:
+        if kwargs:
+            raise LoSparseUsageError(f"losparse.load({path!r}): a structurally pruned model takes no "
+                                     f"{', '.join(sorted(kwargs))}")
+        return load_structured(path, device=device)

@@ -37,20 +37,34 @@ def load_structured(path: str, device: Any = None) -> nn.Module:
     import transformers
     from safetensors.torch import load_file
 
+    structure = read_structure(path)
     structure_path = os.path.join(path, STRUCTURE_FILE)
-    if not os.path.isfile(structure_path):
-        raise LoSparseUsageError(f"{path!r} holds no {STRUCTURE_FILE}: not a structurally pruned model")
-    with open(structure_path) as f:
-        structure = json.load(f)
     config = transformers.AutoConfig.from_pretrained(path)
     architecture = (config.architectures or [None])[0]
     model_class = getattr(transformers, architecture or "", None)
     if model_class is None:
         raise LoSparseUsageError(f"{path}/config.json names no transformers architecture ({architecture!r})")
     model = model_class(config)
+    apply_structure(model, structure, structure_path)
+    state = load_file(os.path.join(path, "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    if unexpected or set(missing) - tied:
+        raise LoSparseUsageError(f"{path}: weights do not match the structure (missing {sorted(set(missing) - tied)}"
+                                 f", unexpected {sorted(unexpected)})")
+    model.tie_weights()
+    return model.to(device or "cpu").eval()
+
+
+def apply_structure(model: nn.Module, structure: dict[str, Any], source: str = STRUCTURE_FILE) -> nn.Module:
+    """Give a freshly built (dense-shaped, possibly meta) model the kept heads and FFN widths of `structure`.
+
+    The new matrices are empty (`empty_linear`, on the device of the ones they replace): what fills them is
+    the caller's (`load_structured` reads the weights; `losparse.load` puts compact layers over them).
+    """
     blocks = encoder_blocks(model)
     if len(blocks) != len(structure["layers"]):
-        raise LoSparseUsageError(f"{structure_path}: {len(structure['layers'])} layers for a model of {len(blocks)}")
+        raise LoSparseUsageError(f"{source}: {len(structure['layers'])} layers for a model of {len(blocks)}")
     for block, kept in zip(blocks, structure["layers"]):
         width = kept["heads"] * block.head_size
         hidden = block.hidden_size
@@ -64,12 +78,14 @@ def load_structured(path: str, device: Any = None) -> nn.Module:
         block.layer.attention.output.dense = empty_linear(width, hidden, block.attention_output)
         block.layer.intermediate.dense = empty_linear(hidden, kept["intermediate_size"], block.intermediate)
         block.layer.output.dense = empty_linear(kept["intermediate_size"], hidden, block.ffn_output)
-    state = load_file(os.path.join(path, "model.safetensors"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-    if unexpected or set(missing) - tied:
-        raise LoSparseUsageError(f"{path}: weights do not match the structure (missing {sorted(set(missing) - tied)}"
-                                 f", unexpected {sorted(unexpected)})")
-    model.tie_weights()
     model.structure = structure
-    return model.to(device or "cpu").eval()
+    return model
+
+
+def read_structure(path: str) -> dict[str, Any]:
+    """The kept structure saved beside a model (`STRUCTURE_FILE`); a usage error if there is none."""
+    structure_path = os.path.join(path, STRUCTURE_FILE)
+    if not os.path.isfile(structure_path):
+        raise LoSparseUsageError(f"{path!r} holds no {STRUCTURE_FILE}: not a structurally pruned model")
+    with open(structure_path) as f:
+        return json.load(f)

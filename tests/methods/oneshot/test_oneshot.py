@@ -509,3 +509,18 @@ def test_run_glue_oneshot_is_a_calibrated_start_of_fine_tuning(tiny_bert_dir, se
     assert on_disk["oneshot"]["num_calibration_samples"] == 4 and on_disk["eval_accuracy"] == results["eval_accuracy"]
     assert on_disk["compression"]["remaining_ratio"] == pytest.approx(0.3, abs=0.01)
     assert on_disk["train_loss"] > 0
+
+
+@pytest.mark.parametrize("positions, expected", [(64, 64), (2048, 512)])
+def test_calibration_seq_len_defaults_to_512_capped_at_the_positions(positions, expected):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    model_config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                               max_position_embeddings=positions, vocab_size=VOCAB)
+    args = oneshot_cli.OneShotArguments()
+    assert args.calibration_seq_len is None
+    oneshot_cli.check_oneshot_plan(args, _config(), "tiny", AutoModelForCausalLM, model_config)
+    assert args.calibration_seq_len == expected
+    explicit = oneshot_cli.OneShotArguments(calibration_seq_len=positions + 1)
+    with pytest.raises(LoSparseUsageError, match=f"--calibration_seq_len {positions + 1} is more than"):
+        oneshot_cli.check_oneshot_plan(explicit, _config(), "tiny", AutoModelForCausalLM, model_config)
