@@ -83,6 +83,8 @@ TOKEN_SEED = 0
 #: model types whose position table holds pad_token_id + 1 extra rows (RoBERTa's position ids start there)
 OFFSET_POSITION_TYPES = ("roberta", "xlm-roberta", "camembert")
 MINUS = "−"
+#: the methods whose points the verdict is about: LoSparse and the methods built on it
+LOSPARSE_METHODS = ("losparse", "structured_losparse", "cofi_losparse")
 
 
 # ------------------------------------------------------------------------------------------------ cells
@@ -435,7 +437,14 @@ class Point:
     @property
     def name(self) -> str:
         ratio = "" if self.method == "finetune" or self.ratio is None else f" {self.ratio * 100:g}%"
-        return ("Fine-tune (dense)" if self.method == "finetune" else method_label(self.method)) + ratio
+        method, distilled = (self.method[:-3], True) if self.method.endswith("+kd") else (self.method, False)
+        label = "Fine-tune (dense)" if method == "finetune" else method_label(method)
+        return label + (" + distillation" if distilled else "") + ratio
+
+    @property
+    def contains_losparse(self) -> bool:
+        """A point of LoSparse or of a method built on it (the hybrids): the ones the verdict is about."""
+        return self.method.split("-")[0].split("+")[0] in LOSPARSE_METHODS
 
     def dominates(self, other: "Point") -> bool:
         """At least as accurate and as fast, and strictly better in one of the two."""
@@ -454,6 +463,25 @@ def group_points(rows: Sequence[Mapping[str, Any]]) -> list[Point]:
     return [Point(method, ratio, statistics.fmean(r["value"] for r in rs),
                   statistics.fmean(r["latency_ms"] for r in rs), len(rs))
             for (method, ratio), rs in grouped.items()]
+
+
+def beyond_noise_lines(points: Sequence[Point], error: float) -> list[str]:
+    """Per LoSparse-containing point: is another point faster *and* more accurate by more than one standard error
+    of the difference (each point's error: `error` / sqrt(its runs))? If none is, the point is on the frontier
+    within the noise."""
+    lines = []
+    for p in sorted((p for p in points if p.contains_losparse), key=lambda p: (-(p.ratio or 0.0), p.name)):
+        clear = [q for q in points if q.latency_ms < p.latency_ms
+                 and q.value - p.value > error * math.sqrt(1.0 / q.runs + 1.0 / p.runs)]
+        if clear:
+            best = max(clear, key=lambda q: q.value - p.value)
+            lines.append(f"{p.name} ({p.runs} run{'s' if p.runs > 1 else ''}): beaten beyond one standard error by "
+                         f"{best.name} ({_signed(best.value - p.value, 2, ' points')}, "
+                         f"{_signed(best.latency_ms - p.latency_ms, 2, ' ms')}).")
+        else:
+            lines.append(f"{p.name} ({p.runs} run{'s' if p.runs > 1 else ''}): no point is both faster and more "
+                         "accurate beyond one standard error.")
+    return lines
 
 
 def _signed(value: float, decimals: int, unit: str) -> str:
@@ -475,7 +503,7 @@ def frontier_lines(points: Sequence[Point], metric: str, eval_examples: Optional
     front = [p for p in ordered if not any(q.dominates(p) for q in points)]
     lines = ["Pareto frontier (no other point is at least as accurate and as fast): "
              + ", ".join(f"{p.name} ({p.value:.2f}, {p.latency_ms:.2f} ms)" for p in front) + "."]
-    for p in sorted((p for p in points if p.method == "losparse"), key=lambda p: -(p.ratio or 0.0)):
+    for p in sorted((p for p in points if p.contains_losparse), key=lambda p: -(p.ratio or 0.0)):
         beaten_by = [q for q in points if q.dominates(p)]
         beats = [q.name for q in points if p.dominates(q)]
         if beaten_by:
@@ -494,6 +522,7 @@ def frontier_lines(points: Sequence[Point], metric: str, eval_examples: Optional
         lines.append(f"Noise: one run per point on {eval_examples} evaluation examples; the binomial standard error of "
                      f"{metric} is about {error:.1f} points, so differences under ~{2 * math.sqrt(2) * error:.1f} "
                      "points between two points are not resolved.")
+        lines += beyond_noise_lines(points, error)
     if latency_spread is not None:
         lines.append(f"Latency: the repeats' interquartile range is up to {100 * latency_spread:.0f}% of their median; "
                      "closer latencies are not resolved.")

@@ -174,6 +174,12 @@ def test_frontier_lines_name_the_pareto_set_and_the_margins():
     assert lines[2] == "LoSparse 10%: dominated by Structured (heads, FFN) 10% (+1.00 points, −2.00 ms)."
     # binomial standard error at the dense accuracy: sqrt(0.9 * 0.1 / 1000) = 0.95 points
     assert "about 0.9 points" in lines[3] and "under ~2.7 points" in lines[3]
+    # within the noise: structured's +1.00 point at 10% is less than one standard error of the difference (1.34)
+    assert lines[4] == "LoSparse 20% (1 run): no point is both faster and more accurate beyond one standard error."
+    assert lines[5] == "LoSparse 10% (1 run): no point is both faster and more accurate beyond one standard error."
+    clear = frontier_lines(points + [Point("structured", 0.1, 87.0, 3.0)], "accuracy", eval_examples=1000)
+    assert ("LoSparse 10% (1 run): beaten beyond one standard error by Structured (heads, FFN) 10% (+3.00 points, "
+            "−3.00 ms).") in clear
     assert Point("a", 0.2, 1.0, 1.0).dominates(Point("b", 0.2, 1.0, 1.0)) is False  # a tie dominates nothing
 
 

@@ -11,7 +11,6 @@ smaller model computing what the gated one computed (`cofi_structure` records it
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
@@ -22,6 +21,7 @@ from losparse.core.layers import LoSparseLinear
 from losparse.core.slicing import scale_, select
 from losparse.methods.cofi.units import Shape, hidden_readers
 from losparse.methods.structured.blocks import EncoderBlock, NoSelfAttention, encoder_blocks
+from losparse.methods.structured.removal import new_linear, slice_linear
 
 
 class SkippedSublayer(nn.Module):
@@ -50,12 +50,6 @@ class Keep:
     ffn: list[bool]
 
 
-def new_linear(in_features: int, out_features: int, bias: bool, like: torch.Tensor) -> nn.Linear:
-    with warnings.catch_warnings():  # a sub-layer with nothing left has 0-element weights
-        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
-        return nn.Linear(in_features, out_features, bias=bias, device=like.device, dtype=like.dtype)
-
-
 def sliced_linear(linear: nn.Module, rows: Optional[torch.Tensor] = None,
                   columns: Optional[torch.Tensor] = None) -> nn.Module:
     """A copy of `linear` keeping the output rows `rows` and input columns `columns` (indices; None: all).
@@ -64,18 +58,7 @@ def sliced_linear(linear: nn.Module, rows: Optional[torch.Tensor] = None,
     """
     if isinstance(linear, LoSparseLinear):
         return select(linear, rows, columns)
-    weight = linear.weight.detach()
-    bias = linear.bias.detach() if linear.bias is not None else None
-    if rows is not None:
-        weight, bias = weight[rows.to(weight.device)], bias[rows.to(weight.device)] if bias is not None else None
-    if columns is not None:
-        weight = weight[:, columns.to(weight.device)]
-    new = new_linear(weight.shape[1], weight.shape[0], bias is not None, weight)
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        if bias is not None:
-            new.bias.copy_(bias)
-    return new
+    return slice_linear(linear, rows, columns)
 
 
 def keep_from_gates(gates: Mapping[str, Optional[torch.Tensor]], shape: Shape) -> Keep:

@@ -13,13 +13,12 @@ import os
 from typing import Any
 
 import torch
-import transformers
-from safetensors.torch import load_file
 from torch import nn
 
 from losparse.core.errors import LoSparseUsageError
 from losparse.methods.cofi.removal import Keep, cofi_structure, slice_units
 from losparse.methods.structured.blocks import encoder_blocks
+from losparse.methods.structured.serialization import load_weights_strictly, model_from_config
 
 #: written beside a CoFi-pruned model's config.json: the kept structure `load_cofi` rebuilds
 COFI_FILE = "cofi_pruning.json"
@@ -62,22 +61,11 @@ def load_cofi(path: str, device: Any = None) -> nn.Module:
     """Rebuild a model saved by `save_cofi` (its class from config.json) and load its weights (eval mode)."""
     manifest = os.path.join(path, COFI_FILE)
     structure = read_cofi_structure(path)
-    config = transformers.AutoConfig.from_pretrained(path)
-    architecture = (config.architectures or [None])[0]
-    model_class = getattr(transformers, architecture or "", None)
-    if model_class is None:
-        raise LoSparseUsageError(f"{path}/config.json names no transformers architecture ({architecture!r})")
-    model = model_class(config)
+    model = model_from_config(path)
     if len(encoder_blocks(model, decomposed_ok=True)) != len(structure["layers"]):
         raise LoSparseUsageError(f"{manifest}: {len(structure['layers'])} layers for a model of "
                                  f"{len(encoder_blocks(model, decomposed_ok=True))}")
-    slice_units(model, keep_of_structure(structure, config))
-    state = load_file(os.path.join(path, "model.safetensors"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-    if unexpected or set(missing) - tied:
-        raise LoSparseUsageError(f"{path}: weights do not match the structure (missing {sorted(set(missing) - tied)}"
-                                 f", unexpected {sorted(unexpected)})")
-    model.tie_weights()
+    slice_units(model, keep_of_structure(structure, model.config))
+    load_weights_strictly(model, path)
     model.structure = structure
     return model.to(device or "cpu").eval()

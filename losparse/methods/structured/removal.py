@@ -26,30 +26,32 @@ from losparse.methods.structured.blocks import (
 )
 
 
-def _new_linear(in_features: int, out_features: int, bias: bool, like: torch.Tensor) -> nn.Linear:
+def new_linear(in_features: int, out_features: int, bias: bool, like: torch.Tensor) -> nn.Linear:
+    """An uninitialised `nn.Linear` on `like`'s device and dtype (0-element shapes allowed, without a warning)."""
     with warnings.catch_warnings():  # a layer with every head or neuron pruned has 0-element weights
         warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
         return nn.Linear(in_features, out_features, bias=bias, device=like.device, dtype=like.dtype)
 
 
 def empty_linear(in_features: int, out_features: int, like: nn.Linear) -> nn.Linear:
-    return _new_linear(in_features, out_features, like.bias is not None, like.weight)
+    return new_linear(in_features, out_features, like.bias is not None, like.weight)
 
 
-def _slice_linear(linear: nn.Linear, rows: Optional[torch.Tensor] = None,
-                  columns: Optional[torch.Tensor] = None) -> nn.Linear:
+@torch.no_grad()
+def slice_linear(linear: nn.Linear, rows: Optional[torch.Tensor] = None,
+                 columns: Optional[torch.Tensor] = None) -> nn.Linear:
+    """A copy of `linear` keeping the output rows `rows` and input columns `columns` (indices; None: all)."""
     weight = linear.weight.detach()
     bias = linear.bias.detach() if linear.bias is not None else None
     if rows is not None:
-        weight = weight[rows]
-        bias = bias[rows] if bias is not None else None
+        rows = rows.to(weight.device)
+        weight, bias = weight[rows], bias[rows] if bias is not None else None
     if columns is not None:
-        weight = weight[:, columns]
-    new = _new_linear(weight.shape[1], weight.shape[0], bias is not None, weight)
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        if bias is not None:
-            new.bias.copy_(bias)
+        weight = weight[:, columns.to(weight.device)]
+    new = new_linear(weight.shape[1], weight.shape[0], bias is not None, weight)
+    new.weight.copy_(weight)
+    if bias is not None:
+        new.bias.copy_(bias)
     return new
 
 
@@ -70,16 +72,16 @@ def _shrink_block(block: EncoderBlock, heads: torch.Tensor, neurons: torch.Tenso
     elif kept_heads < heads.numel():
         device = block.attention_output.weight.device
         for name in ("query", "key", "value"):
-            setattr(attention, name, _slice_linear(getattr(attention, name), rows=rows.to(device)))
+            setattr(attention, name, slice_linear(getattr(attention, name), rows=rows.to(device)))
         attention.num_attention_heads = kept_heads
         attention.all_head_size = kept_heads * block.head_size
     if kept_heads < heads.numel():
-        block.layer.attention.output.dense = _slice_linear(block.attention_output, columns=rows.to(
+        block.layer.attention.output.dense = slice_linear(block.attention_output, columns=rows.to(
             block.attention_output.weight.device))
     if int(neurons.sum()) < neurons.numel():
         index = torch.nonzero(neurons).flatten().to(block.intermediate.weight.device)
-        block.layer.intermediate.dense = _slice_linear(block.intermediate, rows=index)
-        block.layer.output.dense = _slice_linear(block.ffn_output, columns=index)
+        block.layer.intermediate.dense = slice_linear(block.intermediate, rows=index)
+        block.layer.output.dense = slice_linear(block.ffn_output, columns=index)
 
 
 def structure_of(model: nn.Module) -> dict[str, Any]:

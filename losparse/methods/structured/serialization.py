@@ -34,18 +34,29 @@ def save_structured(model: nn.Module, directory: str, tokenizer: Any = None) -> 
 
 def load_structured(path: str, device: Any = None) -> nn.Module:
     """Rebuild a model saved by `save_structured` (its class from config.json) and load its weights (eval mode)."""
-    import transformers
-    from safetensors.torch import load_file
-
     structure = read_structure(path)
-    structure_path = os.path.join(path, STRUCTURE_FILE)
+    model = model_from_config(path)
+    apply_structure(model, structure, os.path.join(path, STRUCTURE_FILE))
+    load_weights_strictly(model, path)
+    return model.to(device or "cpu").eval()
+
+
+def model_from_config(path: str) -> nn.Module:
+    """The (dense-shaped, randomly initialised) model of the architecture `path`/config.json names."""
+    import transformers
+
     config = transformers.AutoConfig.from_pretrained(path)
     architecture = (config.architectures or [None])[0]
     model_class = getattr(transformers, architecture or "", None)
     if model_class is None:
         raise LoSparseUsageError(f"{path}/config.json names no transformers architecture ({architecture!r})")
-    model = model_class(config)
-    apply_structure(model, structure, structure_path)
+    return model_class(config)
+
+
+def load_weights_strictly(model: nn.Module, path: str) -> None:
+    """`path`/model.safetensors into the smaller `model`: every tensor must fit (tied copies may be absent)."""
+    from safetensors.torch import load_file
+
     state = load_file(os.path.join(path, "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
@@ -53,7 +64,6 @@ def load_structured(path: str, device: Any = None) -> nn.Module:
         raise LoSparseUsageError(f"{path}: weights do not match the structure (missing {sorted(set(missing) - tied)}"
                                  f", unexpected {sorted(unexpected)})")
     model.tie_weights()
-    return model.to(device or "cpu").eval()
 
 
 def apply_structure(model: nn.Module, structure: dict[str, Any], source: str = STRUCTURE_FILE) -> nn.Module:
