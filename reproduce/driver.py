@@ -103,12 +103,12 @@ FRONTIER_VARIANTS: dict[str, tuple[dict[str, Any], ...]] = {
 #: the frontier's methods trained with the seed's fine-tuned dense model as the teacher, with their flags. CoFi:
 #: its distillation weights (alpha_ce 0.1, alpha_layer 0.9); its stages inside the claim's 1-epoch budget (the last
 #: 30 % fine-tunes the fixed structure, the target warms up over the first half of the pruning stage); the gates'
-#: learning rate 10x the reference's 0.01, which in ~200 pruning steps could move log α by ~2 from its start at
-#: 10 and so would leave the whole ratio to the end-of-pruning budget rule.
+#: learning rate the reference's 0.01. (10x that, 0.1, was tried first, 2026-12-07: the expected sparsity
+#: overshot to 0.96 and oscillated, and every CoFi cell ended at chance accuracy; docs/cofi.md, frontier.)
 #: CoFi + LoSparse: the same, with Appendix F's split ratio_LoSparse = 0.5 (so structured_ratio = 2 x the ratio:
 #: 0.2 at 10 %, Table 7's setting). A flag given as a function of the cell's ratio is resolved per cell.
 COFI_FRONTIER_FLAGS = {"alpha_output": 0.1, "alpha_layer": 0.9, "cofi_finetune_epochs": 0.3,
-                       "lagrangian_warmup_epochs": 0.35, "reg_learning_rate": 0.1}
+                       "lagrangian_warmup_epochs": 0.35, "reg_learning_rate": 0.01}
 FRONTIER_DISTILLED: dict[str, dict[str, Any]] = {
     "cofi": COFI_FRONTIER_FLAGS,
     "cofi_losparse": {**COFI_FRONTIER_FLAGS, "structured_ratio": lambda ratio: round(2 * ratio, 6)},

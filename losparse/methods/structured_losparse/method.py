@@ -45,6 +45,14 @@ def second_stage_config(config: LoSparseConfig, structured_share: Optional[float
     return dataclasses.replace(config, remaining_ratio=min(1.0, config.remaining_ratio / share), structured_ratio=1.0)
 
 
+def prepare_second_stage(pruned: Any, config: LoSparseConfig) -> LoSparseConfig:
+    """The LoSparse stage's config for what the structured stage kept, and its zero-width matrices set aside
+    (in this order: the share is counted on the plain pruned model)."""
+    stage = second_stage_config(config, achieved_share(pruned))
+    protect_empty_layers(pruned)
+    return stage
+
+
 def achieved_share(model: Any) -> float:
     """Kept weights of the targeted matrices of a structurally pruned model / those of its dense architecture."""
     return target_params(encoder_blocks(model)) / dense_target_params(model.config)
@@ -75,8 +83,7 @@ class StructuredLoSparseMethod(DecomposingMethod):
                                                 args=stage_arguments(args, first_stage_dir(args)), **shared)
 
         def build_second(pruned: Any, steps: int) -> Any:
-            protect_empty_layers(pruned)
-            stage = second_stage_config(config, achieved_share(pruned))
+            stage = prepare_second_stage(pruned, config)
             return DecomposingMethod.make_trainer(self, trainer_class, stage, model=pruned,
                                                   args=_with_max_steps(args, steps), lean_optimizer=lean_optimizer,
                                                   **shared)

@@ -22,7 +22,7 @@ from losparse.methods.structured_losparse import (
     protect_empty_layers,
     split_steps,
 )
-from losparse.methods.structured_losparse.method import first_stage_config, second_stage_config
+from losparse.methods.structured_losparse.method import first_stage_config, prepare_second_stage, second_stage_config
 
 TINY_DENSE = 16384  # 2 layers x (4·32² + 2·32·64): tests/conftest.py tiny_bert_config
 
@@ -76,6 +76,17 @@ def test_zero_width_layers_are_kept_out_of_the_decomposition():
     assert isinstance(pruned.bert.encoder.layer[0].attention.output.dense, ZeroWidthLinear)
     torch.testing.assert_close(pruned(**_inputs()).logits, reference)
     assert dense_target_params(pruned.config) == TINY_DENSE == target_params(encoder_blocks(tiny_bert_classifier()))
+
+
+def test_the_second_stage_is_sized_on_what_the_first_kept_even_with_a_layer_without_heads():
+    model = tiny_bert_classifier().eval()
+    scores = torch.rand(group_sizes(encoder_blocks(model)).shape, generator=torch.Generator().manual_seed(0))
+    scores[:2] = -1.0  # both heads of layer 0 go first
+    pruned = build_structured_peer(model, 0.5, scores=scores)
+    kept = target_params(encoder_blocks(pruned)) / TINY_DENSE
+    stage = prepare_second_stage(pruned, _hybrid(remaining_ratio=0.25, structured_ratio=0.5))
+    assert stage.remaining_ratio == pytest.approx(0.25 / kept)
+    assert isinstance(pruned.bert.encoder.layer[0].attention.output.dense, ZeroWidthLinear)
 
 
 def test_saved_hybrid_reloads_through_the_one_loader_with_the_same_function(tmp_path):
