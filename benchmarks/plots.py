@@ -487,7 +487,8 @@ def frontier_groups(records: Sequence[Mapping[str, Any]]) -> "OrderedDict[tuple,
         setting = (latency.get("batch_size"), latency.get("seq_len"), latency.get("threads"), latency.get("device"),
                    (latency.get("machine") or {}).get("cpu_model"))
         groups.setdefault((record["model"], record["task"], setting), []).append(
-            {"method": record["method"], "ratio": record["ratio"], "distillation": record["distillation"],
+            {"method": record.get("variant", record["method"]), "ratio": record["ratio"],
+             "distillation": record["distillation"],
              "latency_ms": float(latency["latency_ms"]), "metrics": record["metrics"], "path": record["path"]})
     return groups
 
