@@ -32,7 +32,7 @@ from losparse.core.errors import LoSparseUsageError
 from losparse.core.sharding import is_fsdp_model, unshard_model
 from losparse.deploy.serialization import load
 from losparse.deploy.validation import LOSPARSE_CONFIG_FILE
-from losparse.methods import get_method
+from losparse.methods import get_method, run_artifact_dirs
 from losparse.training.distill import load_teacher
 from losparse.training.pickles import check_checkpoint_pickles, check_model_weights, unsafe_pickle_error
 
@@ -143,8 +143,6 @@ def check_output_dir(output_dir: Optional[str], overwrite: bool, resume_from_che
 #: picks up an artifact of the previous run (e.g. an old compact model beside a new dense one).
 RUN_ARTIFACTS = ("losparse_config.json", "losparse_model.safetensors", "all_results.json", "generations.json",
                  "structured_pruning.json", "cofi_pruning.json")
-#: directories of an earlier run this run would otherwise build on (the two-stage methods' first stage)
-RUN_ARTIFACT_DIRS = ("structured_stage",)
 
 
 def remove_stale_artifacts(output_dir: str) -> list[str]:
@@ -155,7 +153,7 @@ def remove_stale_artifacts(output_dir: str) -> list[str]:
         if os.path.isfile(path):
             os.remove(path)
             removed.append(name)
-    for checkpoint in list_checkpoints(output_dir) + [os.path.join(output_dir, d) for d in RUN_ARTIFACT_DIRS
+    for checkpoint in list_checkpoints(output_dir) + [os.path.join(output_dir, d) for d in run_artifact_dirs()
                                                       if os.path.isdir(os.path.join(output_dir, d))]:
         shutil.rmtree(checkpoint)
         removed.append(os.path.basename(checkpoint))

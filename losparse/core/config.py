@@ -23,8 +23,6 @@ SVD_SOLVERS = ("auto", "exact", "randomized")
 PRUNING_VARIANTS = ("paper", "reference")
 LPAF_IMPORTANCE = ("first_order", "magnitude", "sensitivity")
 LPAF_FACTORIZATIONS = ("em", "als", "plain")
-#: methods that keep `structured_ratio` of the structures and let LoSparse keep remaining / structured of the rest
-HYBRID_METHODS = ("structured_losparse", "cofi_losparse")
 #: CoFi's gate units (`--cofi_units`; losparse.methods.cofi.units)
 COFI_UNITS = ("hidden", "mha_layer", "head", "ffn_layer", "neuron")
 #: The methods whose S is neuron-pruned by `LoSparsePruner`, so it can shrink to its kept neurons (`losparse.core.shrink`).
@@ -256,7 +254,7 @@ class LoSparseConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or math.isnan(value) or not 0.0 < value <= 1.0:
                 raise LoSparseUsageError(f"--{name} {value!r} is out of range; it must be in (0, 1]")
-        if (self.method_spec.uses_low_rank_ratio and self.method not in HYBRID_METHODS
+        if (self.method_spec.uses_low_rank_ratio and not self.method_spec.splits_ratio
                 and self.low_rank_ratio >= self.remaining_ratio):
             raise LoSparseUsageError(
                 f"--low_rank_ratio {self.low_rank_ratio} must be below --remaining_ratio {self.remaining_ratio} "
@@ -383,7 +381,7 @@ class LoSparseConfig:
         if not 0.0 < self.structured_steps_fraction < 1.0:
             raise LoSparseUsageError(f"--structured_steps_fraction {self.structured_steps_fraction!r} is out of range; "
                                      "it must be in (0, 1) (both stages need steps)")
-        if self.method not in HYBRID_METHODS:
+        if not self.method_spec.splits_ratio:
             return
         if self.structured_ratio < self.remaining_ratio:
             raise LoSparseUsageError(f"--structured_ratio {self.structured_ratio} is below --remaining_ratio "

@@ -42,6 +42,8 @@ class MethodSpec:
     prunes_structures: bool = False  # heads and FFN neurons of the undecomposed model (losparse.methods.structured)
     #: LPAF: S is pruned per entry first, then factorised into U·V during training (see losparse.methods.lpaf.pruner)
     prune_then_factorize: bool = False
+    #: keeps `structured_ratio` of the structures and lets LoSparse keep remaining / structured of the rest (hybrids)
+    splits_ratio: bool = False
 
     @property
     def uses_low_rank_ratio(self) -> bool:
@@ -65,10 +67,10 @@ METHOD_SPECS: dict[str, MethodSpec] = {
         MethodSpec("structured", False, None, False, None, prunes_structures=True,
                    description="structured pruning baseline: whole attention heads and FFN neurons, same "
                                "importance, schedule and global parameter-weighted threshold (BERT family)"),
-        MethodSpec("structured_losparse", True, "low_rank_ratio", True, None,
+        MethodSpec("structured_losparse", True, "low_rank_ratio", True, None, splits_ratio=True,
                    description="teacher-free hybrid: whole heads and FFN neurons pruned to structured_ratio first, "
                                "then LoSparse on the survivors to remaining_ratio / structured_ratio (BERT family)"),
-        MethodSpec("cofi_losparse", True, "low_rank_ratio", True, None,
+        MethodSpec("cofi_losparse", True, "low_rank_ratio", True, None, splits_ratio=True,
                    description="CoFi + LoSparse (paper Table 7): CoFi's sub-layer and head gates to structured_ratio, "
                                "LoSparse's S pruning of the survivors to remaining_ratio / structured_ratio"),
         MethodSpec("cofi", False, None, False, None, prunes_structures=True,

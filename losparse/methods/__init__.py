@@ -13,7 +13,14 @@ The rows of the method table, as data, are `losparse.core.methods`.
 
 # the method table, as data (its home before the methods became folders)
 from losparse.core.methods import METHOD_SPECS, METHODS, MethodSpec, final_kept_fraction, rank_ratio
-from losparse.methods.base import REGISTRY, CompressionMethod, get_method, method_for_directory, register
+from losparse.methods.base import (
+    REGISTRY,
+    CompressionMethod,
+    get_method,
+    method_for_directory,
+    register,
+    run_artifact_dirs,
+)
 from losparse.methods.cofi.method import CofiMethod
 from losparse.methods.cofi_losparse import CofiLoSparseMethod
 from losparse.methods.finetune import FinetuneMethod

@@ -36,6 +36,9 @@ class CompressionMethod:
     #: the files a directory this method saved always holds (beside config.json); `losparse.load` picks the
     #: method whose markers are all present, the one with the most markers first
     saved_markers: tuple[str, ...] = ()
+    #: directories a run of this method leaves in its output directory besides checkpoints (removed by
+    #: --overwrite_output_dir, so a new run never builds on them)
+    run_artifact_dirs: tuple[str, ...] = ()
 
     def check(self, config: LoSparseConfig, model_name_or_path: str, auto_class: Any,
               cache_dir: Optional[str] = None) -> None:
@@ -89,6 +92,11 @@ def method_for_directory(path: str) -> Optional[CompressionMethod]:
     if not candidates:
         return None
     return max(candidates, key=lambda cls: (len(cls.saved_markers), cls.__name__))()
+
+
+def run_artifact_dirs() -> tuple[str, ...]:
+    """Every registered method's `run_artifact_dirs`."""
+    return tuple(sorted({d for cls in REGISTRY.values() for d in cls.run_artifact_dirs}))
 
 
 def get_method(name: str) -> CompressionMethod:

@@ -13,7 +13,7 @@ from losparse.methods.cofi.removal import remove_pruned_units
 from losparse.methods.cofi.serialization import COFI_FILE, load_cofi, save_cofi
 from losparse.methods.cofi.trainer import cofi_trainer
 from losparse.methods.cofi.units import check_cofi_config, check_family
-from losparse.methods.structured.removal import structured_report
+from losparse.methods.structured.removal import structured_report, widths_text
 from losparse.training.preflight import load_model_config
 
 
@@ -52,7 +52,7 @@ class CofiMethod(CompressionMethod):
         return report
 
     def format_report(self, report: dict[str, Any]) -> Optional[str]:
-        widths = ", ".join(f"{h}h/{n}" for h, n in zip(report["heads"], report["intermediate_sizes"]))
+        widths = widths_text(report)
         forced = sum(report.get("forced_units", {}).values())
         return (f"cofi: {report['num_layers']} layers pruned to remaining ratio {report['remaining_ratio']:.4f} of "
                 f"the targeted matrices (hidden {report['hidden_size']}; heads/FFN width per layer: {widths}"

@@ -18,7 +18,7 @@ from torch import nn
 from losparse.core.errors import LoSparseUsageError
 from losparse.methods.cofi.removal import Keep, cofi_structure, slice_units
 from losparse.methods.structured.blocks import encoder_blocks
-from losparse.methods.structured.serialization import load_weights_strictly, model_from_config
+from losparse.methods.structured.serialization import load_weights_strictly, model_from_config, save_with_structure
 
 #: written beside a CoFi-pruned model's config.json: the kept structure `load_cofi` rebuilds
 COFI_FILE = "cofi_pruning.json"
@@ -26,12 +26,7 @@ COFI_FILE = "cofi_pruning.json"
 
 def save_cofi(model: nn.Module, directory: str, tokenizer: Any = None) -> str:
     """`save_pretrained` plus `COFI_FILE`, so `load_cofi` can rebuild the smaller shapes."""
-    model.save_pretrained(directory)
-    with open(os.path.join(directory, COFI_FILE), "w") as f:
-        json.dump(cofi_structure(model), f, indent=2)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
-    return directory
+    return save_with_structure(model, directory, COFI_FILE, cofi_structure(model), tokenizer)
 
 
 def keep_of_structure(structure: dict[str, Any], config: Any) -> Keep:

@@ -18,10 +18,11 @@ from losparse.methods.base import register
 from losparse.methods.cofi.method import CofiMethod
 from losparse.methods.cofi.removal import remove_pruned_units, slice_units
 from losparse.methods.cofi.serialization import COFI_FILE, keep_of_structure, read_cofi_structure
-from losparse.methods.cofi_losparse.pruner import DEFAULT_UNITS, combination_units, sparse_stage_config
+from losparse.methods.cofi_losparse.pruner import DEFAULT_UNITS, check_prune_dim, combination_units, sparse_stage_config
 from losparse.methods.cofi_losparse.trainer import cofi_losparse_trainer
 from losparse.methods.decomposing import DecomposingMethod
 from losparse.methods.structured.blocks import encoder_blocks
+from losparse.methods.structured.removal import widths_text
 from losparse.training.preflight import check_targets_before_loading
 
 
@@ -37,6 +38,7 @@ class CofiLoSparseMethod(DecomposingMethod):
             raise LoSparseUsageError("--shrink_sparse is not available with --method cofi_losparse (CoFi slices S's "
                                      "rows with its heads at the end); drop it")
         combination_units(config)
+        check_prune_dim(config)
         CofiMethod().check(config, model_name_or_path, auto_class, cache_dir=cache_dir)
         check_targets_before_loading(model_name_or_path, auto_class, sparse_stage_config(config), cache_dir=cache_dir)
 
@@ -68,7 +70,7 @@ class CofiLoSparseMethod(DecomposingMethod):
         return {**combination_report(model, trainer.dense_target_params, trainer.dense_model_params), **facts}
 
     def format_report(self, report: dict[str, Any]) -> Optional[str]:
-        widths = ", ".join(f"{h}h/{n}" for h, n in zip(report["heads"], report["intermediate_sizes"]))
+        widths = widths_text(report)
         return (f"cofi_losparse: hidden {report['hidden_size']}, heads/FFN width per layer {widths}; remaining "
                 f"ratio {report['remaining_ratio']:.4f} of the dense targeted matrices (CoFi's structure keeps "
                 f"{report['mask_remaining_ratio']:.4f}, LoSparse {report['sparse_kept_fraction']:.4f} of its S)\n"

@@ -33,6 +33,13 @@ def sparse_stage_config(config: LoSparseConfig) -> LoSparseConfig:
                                structured_ratio=1.0)
 
 
+def check_prune_dim(config: LoSparseConfig) -> None:
+    """S's neurons must be rows: the rows CoFi's heads and hidden dims remove with them."""
+    if config.prune_dim != "rows":
+        raise LoSparseUsageError(f"--prune_dim {config.prune_dim}: --method cofi_losparse prunes rows of S (the "
+                                 "rows that CoFi's heads and hidden dims remove with them); use --prune_dim rows")
+
+
 def combination_units(config: LoSparseConfig) -> tuple[str, ...]:
     """The gated units (`--cofi_units`, default `DEFAULT_UNITS`); neurons are LoSparse's, never CoFi's."""
     units = parse_units(config.cofi_units or DEFAULT_UNITS)
@@ -79,9 +86,7 @@ class CofiLoSparsePruner(CofiPruner):
 
     def __init__(self, model: nn.Module, config: LoSparseConfig, adam: tuple[float, float, float] = (0.9, 0.999, 1e-8),
                  extra_modules: Optional[dict[str, nn.Module]] = None) -> None:
-        if config.prune_dim != "rows":
-            raise LoSparseUsageError(f"--prune_dim {config.prune_dim}: --method cofi_losparse prunes rows of S (the "
-                                     "rows that CoFi's heads and hidden dims remove with them); use --prune_dim rows")
+        check_prune_dim(config)
         super().__init__(model, config, adam, extra_modules, target_ratio=config.structured_ratio)
         self.sparse_config = sparse_stage_config(config)
         self.sparse_pruner: Optional[SurvivorLoSparsePruner] = None

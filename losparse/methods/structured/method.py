@@ -9,7 +9,7 @@ from losparse.core.errors import LoSparseUsageError
 from losparse.methods.base import CompressionMethod, register
 from losparse.methods.structured.blocks import check_supported
 from losparse.methods.structured.pruner import check_structured_config
-from losparse.methods.structured.removal import remove_pruned_structures, structured_report
+from losparse.methods.structured.removal import remove_pruned_structures, structured_report, widths_text
 from losparse.methods.structured.serialization import STRUCTURE_FILE, load_structured, save_structured
 from losparse.methods.structured.trainer import structured_trainer
 from losparse.training.compose import compose_trainer
@@ -49,7 +49,7 @@ class StructuredMethod(CompressionMethod):
         return report
 
     def format_report(self, report: dict[str, Any]) -> Optional[str]:
-        widths = ", ".join(f"{h}h/{n}" for h, n in zip(report["heads"], report["intermediate_sizes"]))
+        widths = widths_text(report)
         return (f"structured: {report['num_layers']} layers pruned to remaining ratio {report['remaining_ratio']:.4f} "
                 f"of the targeted matrices (heads/FFN width per layer: {widths}); whole model "
                 f"{report['model_params_dense']:,} -> {report['model_params']:,} params")

@@ -113,6 +113,11 @@ def remove_pruned_structures(model: nn.Module) -> nn.Module:
     return model
 
 
+def widths_text(report: dict[str, Any]) -> str:
+    """"12h/1536, 9h/700, ...": heads and FFN width per encoder layer, for the methods' log lines."""
+    return ", ".join(f"{h}h/{n}" for h, n in zip(report["heads"], report["intermediate_sizes"]))
+
+
 def structured_report(model: nn.Module, dense_target_params: int, dense_model_params: int) -> dict[str, Any]:
     """A compression report with `losparse.deploy.compact.parameter_report`'s top-level fields (no per-layer list)."""
     blocks = encoder_blocks(model)

@@ -24,9 +24,15 @@ STRUCTURE_FILE = "structured_pruning.json"
 
 def save_structured(model: nn.Module, directory: str, tokenizer: Any = None) -> str:
     """`save_pretrained` plus `STRUCTURE_FILE`, so `load_structured` can rebuild the smaller shapes."""
+    return save_with_structure(model, directory, STRUCTURE_FILE, structure_of(model), tokenizer)
+
+
+def save_with_structure(model: nn.Module, directory: str, manifest: str, structure: dict[str, Any],
+                        tokenizer: Any = None) -> str:
+    """`save_pretrained`, the kept structure as `manifest` (JSON) beside it, and the tokenizer if given."""
     model.save_pretrained(directory)
-    with open(os.path.join(directory, STRUCTURE_FILE), "w") as f:
-        json.dump(structure_of(model), f, indent=2)
+    with open(os.path.join(directory, manifest), "w") as f:
+        json.dump(structure, f, indent=2)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     return directory

@@ -17,6 +17,7 @@ from losparse.methods.base import register
 from losparse.methods.decomposing import DecomposingMethod
 from losparse.methods.structured.blocks import encoder_blocks, target_params
 from losparse.methods.structured.method import StructuredMethod
+from losparse.methods.structured.removal import widths_text
 from losparse.methods.structured.serialization import (
     STRUCTURE_FILE,
     apply_structure,
@@ -24,7 +25,7 @@ from losparse.methods.structured.serialization import (
     read_structure,
     save_structured,
 )
-from losparse.methods.structured_losparse.stages import TwoStageTrainer, first_stage_dir, stage_arguments
+from losparse.methods.structured_losparse.stages import STAGE_DIR, TwoStageTrainer, first_stage_dir, stage_arguments
 from losparse.methods.structured_losparse.widths import dense_target_params, protect_empty_layers
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class StructuredLoSparseMethod(DecomposingMethod):
     """Structured stage, then the LoSparse stage; saved as a compact checkpoint of the smaller architecture."""
 
     saved_markers = (LOSPARSE_CONFIG_FILE, STRUCTURE_FILE)
+    run_artifact_dirs = (STAGE_DIR,)
 
     def check(self, config: LoSparseConfig, model_name_or_path: str, auto_class: Any,
               cache_dir: Optional[str] = None) -> None:
@@ -105,7 +107,7 @@ class StructuredLoSparseMethod(DecomposingMethod):
         return hybrid_report(model)
 
     def format_report(self, report: dict[str, Any]) -> Optional[str]:
-        widths = ", ".join(f"{h}h/{n}" for h, n in zip(report["heads"], report["intermediate_sizes"]))
+        widths = widths_text(report)
         return (f"structured_losparse: heads/FFN width per layer {widths}; remaining ratio "
                 f"{report['remaining_ratio']:.4f} of the dense targeted matrices ({report['structured_share']:.4f} "
                 f"kept by the structured stage, then {report['losparse_remaining_ratio']:.4f} of that by LoSparse)\n"

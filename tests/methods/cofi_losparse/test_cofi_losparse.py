@@ -162,3 +162,13 @@ def test_run_glue_end_to_end(tiny_bert_dir, sentiment_files, tmp_path):
     assert report["mask_remaining_ratio"] <= 0.5 and report["remaining_ratio"] < 0.3
     model = losparse.load(str(output_dir))
     assert sum(p.numel() for p in model.parameters()) == report["model_params"]
+
+
+def test_bad_flags_are_refused_before_the_weights_load(tiny_bert_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    method = get_method("cofi_losparse")
+    for values, match in (({"prune_dim": "columns"}, "--prune_dim columns"), ({"cofi_units": "neuron"}, "drop 'neuron'"),
+                          ({"shrink_sparse": True}, "--shrink_sparse")):
+        with pytest.raises(LoSparseUsageError, match=match):
+            method.check(_config(**values), tiny_bert_dir, AutoModelForSequenceClassification)

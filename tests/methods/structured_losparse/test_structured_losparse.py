@@ -153,3 +153,12 @@ def test_a_bad_split_on_the_command_line_is_refused_before_loading(tmp_path, sen
     with pytest.raises(LoSparseUsageError, match="--structured_ratio 0.2 is below --remaining_ratio 0.3"):
         _run_glue(str(tmp_path / "no-such-model"), sentiment_files, tmp_path / "o", "--remaining_ratio", "0.3",
                   "--structured_ratio", "0.2")
+
+
+def test_overwrite_removes_an_earlier_first_stage(tmp_path):
+    from losparse.cli.run import remove_stale_artifacts
+    from losparse.methods.structured_losparse import STAGE_DIR
+
+    (tmp_path / STAGE_DIR).mkdir()
+    (tmp_path / STAGE_DIR / "model.safetensors").write_bytes(b"old")
+    assert STAGE_DIR in remove_stale_artifacts(str(tmp_path)) and not (tmp_path / STAGE_DIR).exists()
