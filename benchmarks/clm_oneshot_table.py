@@ -7,19 +7,14 @@
 
 One text file is split by a seeded shuffle of its documents into calibration and held-out text
 (disjoint documents). The dense model's calibration statistics are computed once, block by block
-(`losparse.methods.oneshot.collect_statistics`); every cell compresses a fresh copy of the dense model from them
-(global pruning scope, so every variant sees the same calibration activations), compacts it and
-evaluates the held-out perplexity (exp of the mean token loss over all held-out blocks). Rows:
-
-  dense           the uncompressed model (ratio 1; the same number in every column)
-  losparse        activation-aware (whitened) U·V with low_rank_ratio = --low_rank_fraction × ratio,
-                  S = W − U·V pruned by |S_ij|·rms(x_j) scores
-  plain_svd       the same budget with plain SVD and magnitude-scored S (what LoSparse's own SVD start gives)
-  lowrank         activation-aware U·V only, rank from the whole ratio (method lowrank), no S
-  itp             S = W row-pruned by calibration scores, no low-rank part (method itp)
-
-Columns: the remaining ratios of the decoder matrices (targets: the family's default q/k/v/o, MLP).
-Defaults are sized for 2 CPU cores on SmolLM2-135M (< 15 min): 32 × 256 calibration tokens, 40 × 256 held out.
+(`losparse.methods.oneshot.collect_statistics`); every cell compresses a fresh copy of the dense model (the rows
+of `benchmarks/clm_oneshot_rows.py`: losparse, losparse_block, losparse_select, svd_llm, lowrank, oats, structured,
+itp, plain_svd), evaluates the held-out perplexity (exp of the mean token loss over all held-out blocks), saves it
+as the row ships it (MB of weight files on disk) and times its decode step beside the dense model's in this
+process (`benchmarks/clm_decode.py`, batch sizes --decode_batch_sizes). Columns: the remaining ratios of the
+decoder matrices (targets: the family's default q/k/v/o, MLP). With --llmcompressor_python, llmcompressor's
+SparseGPT and Wanda run on the same model and blocks in their own venv (`benchmarks/llmcompressor_row.py`) as an
+external reference. Defaults: 32 × 256 calibration tokens, 40 × 256 held out.
 
 Recovery rows (`--finetune_steps N`, default 0 = none): after the grid, two short fine-tunes by `run_clm.py`
 (its `main`, called in-process: the command line's own code path) on the training documents, i.e. the
@@ -52,21 +47,25 @@ import logging
 import math
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
 from types import ModuleType
 from typing import Any, Optional, Sequence
 
+from benchmarks.clm_decode import decode_latency
+from benchmarks.clm_oneshot_rows import DEFAULT_ROWS, ROWS, RowContext, low_rank_share
+from benchmarks.common import weights_size_mb
 from losparse.cli.oneshot import read_calibration_ids
 from losparse.cli.tasks.clm import read_documents
 from losparse.core.config import LoSparseConfig
-from losparse.core.decompose import losparse_layers
 from losparse.core.errors import LoSparseUsageError
-from losparse.deploy.compact import compact, parameter_report
+from losparse.deploy.compact import parameter_report
 from losparse.deploy.serialization import load, save
 from losparse.deploy.validation import LOSPARSE_CONFIG_FILE
-from losparse.methods.oneshot.algorithm import collect_statistics, oneshot_compress
+from losparse.methods.oneshot.algorithm import collect_statistics
+from losparse.methods.structured.serialization import save_structured
 from losparse.training.preflight import check_max_length, load_model_config
 
 logger = logging.getLogger("losparse")
@@ -81,13 +80,6 @@ RUN_CLM = os.path.join(REPO, "run_clm.py")
 #: --finetune_start -> what the LoSparse fine-tune starts from (the row's name)
 FINETUNE_STARTS = {"oneshot": "one-shot LoSparse", "calibrated": "calibrated LoSparse"}
 
-#: row -> (method, low rank, S scores, description)
-ROWS = {
-    "losparse": ("losparse", "activation", "activation", "activation-aware U·V + calibration-scored S"),
-    "plain_svd": ("losparse", "plain", "magnitude", "plain SVD U·V + magnitude-scored S"),
-    "lowrank": ("lowrank", "activation", "activation", "activation-aware U·V only (whole ratio)"),
-    "itp": ("itp", "activation", "activation", "S = W, rows pruned by calibration scores"),
-}
 
 
 def default_model() -> tuple[Optional[str], Optional[str]]:
@@ -115,7 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--low_rank_fraction", type=float, default=0.6,
                         help="losparse/plain_svd rows: low_rank_ratio = this × ratio (0.6: 0.3 of 0.5, as "
                              "configs/clm/smollm2-135m.yaml).")
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), help="Compressed rows to run.")
+    parser.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS), choices=list(ROWS),
+                        help="Compressed rows to run (benchmarks/clm_oneshot_rows.py describes each).")
+    parser.add_argument("--oneshot_iters", type=int, default=None,
+                        help="Alternations of the reconstruct solver (default: the library's, "
+                             "losparse.methods.oneshot.reconstruction.DEFAULT_ITERATIONS).")
+    parser.add_argument("--decode_batch_sizes", type=int, nargs="*", default=[1, 8],
+                        help="Decode latency per cell (ms per new token, interleaved with the dense model in this "
+                             "process) at these batch sizes; none: no timing.")
+    parser.add_argument("--decode_new_tokens", type=int, default=16, help="New tokens per timed generate call.")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for the timings (default: torch's).")
+    parser.add_argument("--llmcompressor_python", default=None,
+                        help="Interpreter of a venv with llmcompressor (benchmarks/llmcompressor_row.py's docstring "
+                             "has the install): adds its SparseGPT and Wanda one-shot rows at sparsity 1 - ratio, on "
+                             "the same model and token blocks, as an external reference (unstructured, dense storage).")
     parser.add_argument("--num_calibration_samples", type=int, default=32)
     parser.add_argument("--num_heldout_samples", type=int, default=40)
     parser.add_argument("--seq_len", type=int, default=256, help="Tokens per calibration and held-out sequence.")
@@ -158,6 +163,11 @@ def check_arguments(args: argparse.Namespace) -> None:
         _fail_usage(f"--finetune_steps {args.finetune_steps} must be >= 0 (0: no fine-tuning rows)")
     if args.finetune_steps:
         check_finetune_arguments(args)
+    if args.llmcompressor_python and not os.path.isfile(args.llmcompressor_python):
+        _fail_usage(f"--llmcompressor_python {args.llmcompressor_python!r} does not exist (see "
+                    "benchmarks/llmcompressor_row.py for the venv it needs)")
+    if args.decode_new_tokens < 2:
+        _fail_usage(f"--decode_new_tokens {args.decode_new_tokens} must be >= 2 (per token = (N - 1 tokens) / (N - 1))")
     args.text_file = os.path.expanduser(args.text_file)
     if not os.path.isfile(args.text_file):
         _fail_usage(f"--text_file {args.text_file!r} does not exist (default: run scripts/prepare_quickstart_assets.py)")
@@ -247,15 +257,8 @@ def untagged(model: Any) -> Any:
     return plain
 
 
-def _cell_config(row: str, ratio: float, low_rank_fraction: float) -> Any:
-
-    method = ROWS[row][0]
+def _cell_config(method: str, ratio: float, low_rank_fraction: float) -> Any:
     return LoSparseConfig(method=method, remaining_ratio=ratio, low_rank_ratio=low_rank_fraction * ratio)
-
-
-def _low_rank_share(row: str, ratio: float, low_rank_fraction: float) -> float:
-    method = ROWS[row][0]
-    return ratio if method == "lowrank" else low_rank_fraction * ratio if method == "losparse" else 0.0
 
 
 def load_run_clm() -> ModuleType:
@@ -313,29 +316,25 @@ def load_finetuned(directory: str) -> Any:
     return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
 
 
-def write_finetune_inputs(work_dir: str, args: argparse.Namespace, model: Any, tokenizer: Any,
-                          statistics: dict, factor_cache: dict, train_documents: Sequence[str],
-                          heldout_documents: Sequence[str], model_label: str) -> dict[str, str]:
+def write_finetune_inputs(work_dir: str, args: argparse.Namespace, context: RowContext, tokenizer: Any,
+                          train_documents: Sequence[str], heldout_documents: Sequence[str],
+                          model_label: str) -> dict[str, str]:
     """What run_clm.py reads, written into `work_dir`; returns their paths ("dense", "oneshot", "train_file",
     "validation_file").
 
     The dense model is the table's own (fp32) dense model. The compact one-shot LoSparse model of
-    --finetune_ratio (--finetune_start oneshot) is rebuilt from the grid's statistics and cached factors,
-    so it is the very model of that cell. The documents go as .jsonl records, unchanged.
+    --finetune_ratio (--finetune_start oneshot) is rebuilt by the grid's `losparse` row from the grid's
+    statistics, so it is the very model of that cell. The documents go as .jsonl records, unchanged.
     """
     inputs = {"dense": os.path.join(work_dir, "dense"),
               "train_file": write_documents(os.path.join(work_dir, "train.jsonl"), train_documents),
               "validation_file": write_documents(os.path.join(work_dir, "validation.jsonl"), heldout_documents)}
     if args.finetune_start == "oneshot":
-        _, lowrank, scores, _ = ROWS["losparse"]
-        start = copy.deepcopy(model)
-        oneshot_compress(start, _cell_config("losparse", args.finetune_ratio, args.low_rank_fraction),
-                         lowrank=lowrank, scores=scores, statistics=statistics, factor_cache=factor_cache,
-                         show_progress=False)
-        inputs["oneshot"] = save(compact(start), os.path.join(work_dir, "oneshot-start"), tokenizer=tokenizer,
+        start, _ = ROWS["losparse"].build(context, args.finetune_ratio)
+        inputs["oneshot"] = save(start, os.path.join(work_dir, "oneshot-start"), tokenizer=tokenizer,
                                  base_model=model_label)
         del start
-    model.save_pretrained(inputs["dense"])
+    context.model.save_pretrained(inputs["dense"])
     tokenizer.save_pretrained(inputs["dense"])
     return inputs
 
@@ -436,23 +435,129 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append("| dense | uncompressed | " + " | ".join(dense for _ in ratios) + " |")
     for row in result["rows"]:
         cells = {c["ratio"]: c for c in result["cells"] if c["row"] == row}
-        lines.append(f"| {row} | {ROWS[row][3]} | " + " | ".join(
+        lines.append(f"| {row} | {ROWS[row].description} | " + " | ".join(
             f"{cells[r]['perplexity']:.3f} ({cells[r]['achieved_ratio']:.2f})" for r in ratios) + " |")
     best = best_rows(result)
     lines += ["", "Best row per ratio (lowest perplexity): " + "; ".join(
-        f"ratio {r:g}: **{best[f'{r:g}']}**" for r in ratios if f"{r:g}" in best)]
+        f"ratio {r:g}: **{best[f'{r:g}']}**" for r in ratios if f"{r:g}" in best), "", format_cost_table(result)]
     table = "\n".join(lines) + "\n"
+    if result.get("external"):
+        table += "\n" + format_external_table(result)
     return table + "\n" + format_finetune_table(result) if result.get("finetune") else table
+
+
+def format_cost_table(result: dict[str, Any]) -> str:
+    """Bytes on disk and decode latency per cell, each beside the dense model's (same process, interleaved)."""
+    batches = result.get("decode_batch_sizes") or []
+    header = "| row | ratio | storage | MB on disk | " + " | ".join(f"decode b{b} ms/token (dense)" for b in batches)
+    lines = [f"Size and decode latency (dense: {result['dense']['mb']:.1f} MB on disk; greedy, "
+             f"{result.get('decode_new_tokens', 0)} new tokens after a 32-token prompt, eager, "
+             f"{result.get('threads')} threads)", "", header + " |", "|---|---|---|---|" + "---|" * len(batches)]
+    for c in result["cells"]:
+        timings = []
+        for b in batches:
+            d = c["decode"].get(str(b), {})
+            flag = "" if d.get("reliable", True) else " ⚠"
+            timings.append(f"{d['ms']:.1f} ({d['dense_ms']:.1f}){flag}" if d else "")
+        lines.append(f"| {c['row']} | {c['ratio']:g} | {c['storage']} | {c['mb']:.1f} | " + " | ".join(timings) + " |")
+    warnings = sorted({d["warning"] for c in result["cells"] for d in c["decode"].values() if d.get("warning")})
+    return "\n".join(lines + [f"⚠ {w}" for w in warnings]) + "\n"
+
+
+def save_cell(model: Any, storage: str, directory: str) -> float:
+    """Save one cell's model as its row ships it; returns the weight files' size in MB."""
+    if storage == "compact":
+        save(model, directory)
+    elif storage == "plain":
+        save_structured(model, directory)
+    else:
+        model.save_pretrained(directory)
+    return weights_size_mb(directory)
+
+
+def measure_cell(args: argparse.Namespace, row: str, ratio: float, context: RowContext, heldout: Any,
+                 work_dir: str) -> dict[str, Any]:
+    """Build one cell (row, ratio) and measure it: held-out perplexity, achieved ratio, MB on disk, decode."""
+    started = time.perf_counter()
+    compressed, facts = ROWS[row].build(context, ratio)
+    build_seconds = time.perf_counter() - started
+    loss = heldout_loss(compressed, heldout, args.batch_size)
+    storage = ROWS[row].storage
+    mb = save_cell(compressed, storage, os.path.join(work_dir, f"{row}-{ratio:g}"))
+    decode = {}
+    for batch in args.decode_batch_sizes:
+        timing = decode_latency({"dense": context.model, "cell": compressed}, batch,
+                                new_tokens=args.decode_new_tokens)
+        decode[str(batch)] = {"ms": timing["cell"], "dense_ms": timing["dense"], "reliable": timing["reliable"],
+                              "warning": timing["warning"]}
+    cell = {"row": row, "ratio": ratio, "eval_loss": loss, "perplexity": _perplexity(loss), "storage": storage,
+            "mb": mb, "decode": decode, "build_seconds": round(build_seconds, 2),
+            "seconds": round(time.perf_counter() - started, 2), **facts}
+    logger.info("%s at ratio %g: perplexity %.3f (achieved ratio %.4f), %.1f MB, %s, built in %.1f s", row, ratio,
+                cell["perplexity"], cell["achieved_ratio"], mb,
+                ", ".join(f"decode b{b} {d['ms']:.1f} ms/token (dense {d['dense_ms']:.1f})" for b, d in decode.items())
+                or "no timing", build_seconds)
+    return cell
+
+
+def external_rows(args: argparse.Namespace, model: Any, calibration: Any, heldout: Any) -> dict[str, Any]:
+    """llmcompressor's rows, run by `benchmarks/llmcompressor_row.py` in its own venv on this table's dense model
+    and token blocks (exported to a temporary directory); returns its JSON."""
+    import subprocess
+
+    import torch
+
+    script = os.path.join(REPO, "benchmarks", "llmcompressor_row.py")
+    with tempfile.TemporaryDirectory(prefix=".llmcompressor-", dir=args.output_dir) as work_dir:
+        model.save_pretrained(os.path.join(work_dir, "dense"))
+        torch.save(calibration, os.path.join(work_dir, "calibration.pt"))
+        torch.save(heldout, os.path.join(work_dir, "heldout.pt"))
+        output = os.path.join(work_dir, "rows.json")
+        command = [args.llmcompressor_python, script, "--model_dir", os.path.join(work_dir, "dense"),
+                   "--calibration_ids", os.path.join(work_dir, "calibration.pt"), "--heldout_ids",
+                   os.path.join(work_dir, "heldout.pt"), "--sparsity", *[f"{1 - r:g}" for r in args.ratios],
+                   "--batch_size", str(args.batch_size), "--output_json", output]
+        logger.info("external rows: %s", " ".join(command))
+        subprocess.run(command, check=True)
+        with open(output) as f:
+            return json.load(f)
+
+
+def format_external_table(result: dict[str, Any]) -> str:
+    external = result["external"]
+    lines = [f"External reference: llmcompressor {external.get('llmcompressor_version')} one-shot pruning "
+             "(unstructured: the zeros are stored, so size and speed are the dense model's; ratio = non-zeros)", "",
+             "| row | ratio (non-zeros) | perplexity |", "|---|---|---|"]
+    for row in external["rows"]:
+        lines.append(f"| {row['row']} | {row['remaining_ratio']:.2f} | {row['perplexity']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_grid(args: argparse.Namespace, context: RowContext, heldout: Any) -> list[dict[str, Any]]:
+    """Every (row, ratio) cell; rows sharing the factor cache run with their largest ranks first."""
+    plan = sorted(((row, ratio) for row in args.rows for ratio in args.ratios),
+                  key=lambda cell: -low_rank_share(cell[0], cell[1], args.low_rank_fraction))
+    cells = []
+    with tempfile.TemporaryDirectory(prefix=".cells-", dir=args.output_dir) as work_dir:
+        for row, ratio in plan:
+            cells.append(measure_cell(args, row, ratio, context, heldout, work_dir))
+            shutil.rmtree(os.path.join(work_dir, f"{row}-{ratio:g}"), ignore_errors=True)
+    cells.sort(key=lambda c: (args.rows.index(c["row"]), args.ratios.index(c["ratio"])))
+    return cells
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Run the whole grid (and the recovery rows); writes the table and the JSON into --output_dir and returns the
     JSON's content."""
+    import torch
+
     args = build_parser().parse_args(argv)
     check_arguments(args)
     extra = {"gguf_file": args.gguf_file} if args.gguf_file else {}
     check_max_length("seq_len", args.seq_len, load_model_config(args.model_name_or_path, **extra),
                      args.model_name_or_path)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     documents = read_documents(args.text_file, "text_file", args.text_column or _guess_column(args.text_file))
     needed = args.num_calibration_samples + args.num_heldout_samples
     calibration_docs, heldout_docs = split_documents(documents, args.num_calibration_samples / needed, args.seed)
@@ -464,50 +569,35 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                                    source=f"the held-out part of --text_file {args.text_file!r}")
     dense_loss = heldout_loss(model, heldout, args.batch_size)
     logger.info("dense: held-out perplexity %.3f", _perplexity(dense_loss))
+    os.makedirs(args.output_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".dense-", dir=args.output_dir) as dense_dir:
+        dense_mb = save_cell(model, "dense", dense_dir)
     statistics = collect_statistics(model, _cell_config("losparse", max(args.ratios), args.low_rank_fraction),
                                     calibration, batch_size=args.batch_size)
-    cells = []
-    factor_cache: dict = {}  # per layer and low-rank kind: the largest U, V so far; smaller ranks are slices
-    plan = sorted(((row, ratio) for row in args.rows for ratio in args.ratios),
-                  key=lambda cell: -_low_rank_share(cell[0], cell[1], args.low_rank_fraction))
-    for row, ratio in plan:
-        _, lowrank, scores, _ = ROWS[row]
-        cell_started = time.perf_counter()
-        config = _cell_config(row, ratio, args.low_rank_fraction)
-        compressed = copy.deepcopy(model)
-        oneshot_compress(compressed, config, lowrank=lowrank, scores=scores, statistics=statistics,
-                         factor_cache=factor_cache, show_progress=False)
-        compact(compressed)
-        loss = heldout_loss(compressed, heldout, args.batch_size)
-        report = parameter_report(compressed)
-        cells.append({"row": row, "method": config.method, "lowrank": lowrank, "scores": scores, "ratio": ratio,
-                      "low_rank_ratio": config.low_rank_ratio if config.method == "losparse" else None,
-                      "eval_loss": loss, "perplexity": _perplexity(loss),
-                      "achieved_ratio": report["remaining_ratio"], "low_rank_share": report["low_rank_share"],
-                      "seconds": round(time.perf_counter() - cell_started, 2)})
-        logger.info("%s at ratio %g: perplexity %.3f (achieved ratio %.4f, %d layers)", row, ratio,
-                    cells[-1]["perplexity"], report["remaining_ratio"], len(losparse_layers(compressed)))
-        del compressed
-    cells.sort(key=lambda c: (args.rows.index(c["row"]), args.ratios.index(c["ratio"])))
+    context = RowContext(model, calibration, statistics, args.low_rank_fraction, args.batch_size,
+                         **({"iterations": args.oneshot_iters} if args.oneshot_iters is not None else {}))
+    cells = run_grid(args, context, heldout)
     result = {
         "model": args.model_name_or_path if not args.gguf_file else os.path.join(args.model_name_or_path,
                                                                                   args.gguf_file),
         "text_file": args.text_file, "seed": args.seed, "ratios": list(args.ratios), "rows": list(args.rows),
-        "low_rank_fraction": args.low_rank_fraction, "seq_len": args.seq_len,
+        "low_rank_fraction": args.low_rank_fraction, "seq_len": args.seq_len, "oneshot_iters": context.iterations,
         "calibration_samples": args.num_calibration_samples, "heldout_samples": args.num_heldout_samples,
         "calibration_tokens": int(calibration.numel()), "heldout_tokens": int(heldout.numel()),
         "calibration_documents": len(calibration_docs), "heldout_documents": len(heldout_docs),
-        "dense": {"eval_loss": dense_loss, "perplexity": _perplexity(dense_loss)},
-        "cells": cells, "seconds": round(time.perf_counter() - started, 1),
+        "dense": {"eval_loss": dense_loss, "perplexity": _perplexity(dense_loss), "mb": dense_mb},
+        "decode_batch_sizes": list(args.decode_batch_sizes), "decode_new_tokens": args.decode_new_tokens,
+        "threads": torch.get_num_threads(), "cells": cells, "seconds": round(time.perf_counter() - started, 1),
     }
     result["best"] = best_rows(result)
-    os.makedirs(args.output_dir, exist_ok=True)
+    if args.llmcompressor_python:
+        result["external"] = external_rows(args, model, calibration, heldout)
     if args.finetune_steps:
         # the fine-tunes' inputs (dense export, compact one-shot start, text files) live only as long as the run
         with tempfile.TemporaryDirectory(prefix=".finetune-work-", dir=args.output_dir) as work_dir:
-            inputs = write_finetune_inputs(work_dir, args, model, tokenizer, statistics, factor_cache,
-                                           calibration_docs, heldout_docs, result["model"])
-            del model, statistics, factor_cache  # the grid's memory, before two trainings
+            inputs = write_finetune_inputs(work_dir, args, context, tokenizer, calibration_docs, heldout_docs,
+                                           result["model"])
+            del model, statistics, context  # the grid's memory, before two trainings
             gc.collect()
             result["finetune"] = run_finetunes(args, inputs, heldout, result)
         result["seconds"] = round(time.perf_counter() - started, 1)

@@ -120,7 +120,8 @@ def test_the_package_stays_small_and_its_functions_short():
                                for node in ast.walk(ast.parse(text))
                                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
                                and node.end_lineno - node.lineno + 1 > 60]
-    assert lines <= 15_000  # 11.7k after the layout change; the CoFi and hybrid method folders came after
+    # 11.7k after the layout change; then the CoFi and hybrid folders, the one-shot solver and the decoder peer
+    assert lines <= 16_500
     assert not long_functions, long_functions
     project = _pyproject()["project"]
     assert not any(d.startswith("matplotlib") for d in project["dependencies"])

@@ -32,9 +32,11 @@ from losparse.methods.oneshot.algorithm import (
     LOWRANK_CHOICES,
     PRUNE_SCOPES,
     SCORE_CHOICES,
+    SOLVER_CHOICES,
     check_oneshot_method,
     oneshot_compress,
 )
+from losparse.methods.oneshot.reconstruction import DEFAULT_ITERATIONS, SPLITS
 from losparse.training.preflight import (
     check_low_rank_share,
     check_max_length,
@@ -67,6 +69,28 @@ class OneShotArguments:
         default=None, metadata={"help": "Tokens per calibration sequence; default min(512, the model's positions). "
                                         "An explicit value above the model's positions is refused."}
     )
+    oneshot_solver: str = field(
+        default="reconstruct",
+        metadata={"help": "'reconstruct': U·V and the kept rows of S solved for the calibration error (alternating "
+                          "SVD and row selection, then the closed-form fit); 'select': S = W - U·V with rows cut by "
+                          "--oneshot_scores, no compensation (the earlier one-shot).", "choices": list(SOLVER_CHOICES)},
+    )
+    oneshot_iters: int = field(
+        default=DEFAULT_ITERATIONS,
+        metadata={"help": "Alternations of the reconstruct solver after its first selection (0: select once from "
+                          "the plain whitened SVD, then fit)."},
+    )
+    oneshot_split: str = field(
+        default="auto",
+        metadata={"help": "Reconstruct solver, method losparse: 'auto' = each matrix picks its rank and kept rows of S "
+                          "within its share of --remaining_ratio (least calibration error); 'fixed' = the rank from "
+                          "--low_rank_ratio, S gets the rest.", "choices": list(SPLITS)},
+    )
+    oneshot_compensate: bool = field(
+        default=True,
+        metadata={"help": "Reconstruct solver, --oneshot_prune_scope block: fit each block to the dense model's "
+                          "outputs from the compressed model's inputs (closed-form target W·Hᵀ·G̃⁻¹)."},
+    )
     oneshot_lowrank: str = field(
         default="activation",
         metadata={"help": "Low-rank part: 'activation' = SVD of W whitened by the Cholesky factor of the calibration "
@@ -88,13 +112,17 @@ class OneShotArguments:
     )
 
     def __post_init__(self) -> None:
+        if not isinstance(self.oneshot_iters, int) or self.oneshot_iters < 0:
+            raise LoSparseUsageError(f"--oneshot_iters {self.oneshot_iters!r} must be >= 0")
         for name in ("num_calibration_samples", "calibration_seq_len", "oneshot_batch_size"):
             value = getattr(self, name)
             if name == "calibration_seq_len" and value is None:
                 continue
             if not isinstance(value, int) or value < 1:
                 raise LoSparseUsageError(f"--{name} {value!r} must be >= 1")
-        for name, choices in (("oneshot_lowrank", LOWRANK_CHOICES), ("oneshot_scores", SCORE_CHOICES),
+        for name, choices in (("oneshot_solver", SOLVER_CHOICES), ("oneshot_split", SPLITS),
+                              ("oneshot_lowrank", LOWRANK_CHOICES),
+                              ("oneshot_scores", SCORE_CHOICES),
                               ("oneshot_prune_scope", PRUNE_SCOPES)):
             if getattr(self, name) not in choices:
                 raise LoSparseUsageError(f"--{name} {getattr(self, name)!r} is not known; choose one of: "
@@ -157,7 +185,9 @@ def calibrated_init(model: nn.Module, config: LoSparseConfig, tokenizer: Any, on
                                                      oneshot_args.calibration_seq_len, seed)
     return oneshot_compress(model, config, calibration_input_ids, lowrank=oneshot_args.oneshot_lowrank,
                             scores=oneshot_args.oneshot_scores, prune_scope=oneshot_args.oneshot_prune_scope,
-                            batch_size=oneshot_args.oneshot_batch_size, prune=prune)
+                            batch_size=oneshot_args.oneshot_batch_size, prune=prune,
+                            solver=oneshot_args.oneshot_solver, iterations=oneshot_args.oneshot_iters,
+                            compensate=oneshot_args.oneshot_compensate, split=oneshot_args.oneshot_split)
 
 
 def check_oneshot_plan(oneshot_args: OneShotArguments, config: LoSparseConfig, model_name_or_path: str,
@@ -174,6 +204,9 @@ def check_oneshot_plan(oneshot_args: OneShotArguments, config: LoSparseConfig, m
         raise LoSparseUsageError(f"--oneshot --do_train starts LoSparse fine-tuning from the calibrated decomposition "
                                  f"and needs --method losparse (got {config.method}); drop --do_train for a one-shot "
                                  f"{config.method} model")
+    if not fine_tune and oneshot_args.oneshot_solver == "reconstruct" and config.prune_dim != "rows":
+        raise LoSparseUsageError(f"--oneshot_solver reconstruct keeps whole rows of S, but --prune_dim is "
+                                 f"{config.prune_dim!r}; use --prune_dim rows or --oneshot_solver select")
     if is_compact_checkpoint(model_name_or_path):
         raise LoSparseUsageError(f"--oneshot needs a dense model, but --model_name_or_path {model_name_or_path!r} is "
                                  "already a LoSparse checkpoint")

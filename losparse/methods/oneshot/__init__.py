@@ -15,3 +15,5 @@ from losparse.methods.oneshot.algorithm import (
     plain_split,
     whitening_factor,
 )
+from losparse.methods.oneshot.oats import oats_compress
+from losparse.methods.oneshot.reconstruction import best_split, compensated_target, solve_layers

@@ -40,6 +40,13 @@ does; the low-rank part (the only approximation made before pruning) is what lat
 (its own share of the global budget: every block keeps p_T of its S parameters), so later blocks are
 calibrated on really compressed inputs, at the price of a fixed per-block allocation.
 
+Solvers. Steps 3 and the pruning above are the "select" solver (`solver="select"`, the earlier one-shot):
+S = W − U·V with rows cut by a score, nothing compensating for them. The default "reconstruct" solver
+(`reconstruction`) instead solves for U·V and the kept rows of S together against the calibration error,
+alternating a whitened SVD on the unkept rows with the choice of rows, each matrix choosing its own split between
+rank and rows within its share of the ratio (`split="auto"`); in block scope with `compensate` every block is fitted
+to the dense model's outputs from the compressed model's inputs (`compensation`).
+
 The result is an ordinary LoSparse model (`model.losparse_config` as `losparse.apply` sets it):
 `compact`/`save`/`load`/`merge` and continued LoSparse fine-tuning work on it.
 """
@@ -69,6 +76,8 @@ from losparse.core.errors import LoSparseUsageError
 from losparse.core.layers import dense_features, dense_type_of, dense_weight_of
 from losparse.core.methods import rank_ratio
 from losparse.core.pruner import LoSparsePruner
+from losparse.methods.oneshot.compensation import record_paired_statistics
+from losparse.methods.oneshot.reconstruction import DEFAULT_ITERATIONS, SPLITS, compensated_target, solve_layers
 from losparse.training.preflight import check_low_rank_share
 
 logger = logging.getLogger("losparse")
@@ -76,6 +85,9 @@ logger = logging.getLogger("losparse")
 LOWRANK_CHOICES = ("activation", "plain")
 SCORE_CHOICES = ("activation", "magnitude")
 PRUNE_SCOPES = ("global", "block")
+#: "reconstruct": U·V and the kept rows of S solved for the calibration error (`reconstruction`); "select": S =
+#: W − U·V with rows cut by a score (no compensation)
+SOLVER_CHOICES = ("reconstruct", "select")
 #: Where the decoder blocks live in the families we know; other models: the ModuleList with most targets.
 #: The methods with a one-shot form (U·V from SVD, S neuron-pruned by calibration scores).
 ONESHOT_METHODS = ("losparse", "lowrank", "itp")
@@ -410,43 +422,68 @@ def oneshot_compress(model: nn.Module, config: LoSparseConfig, calibration_input
                      lowrank: str = "activation", scores: str = "activation", prune_scope: str = "global",
                      batch_size: int = 8, damping: float = 0.01, prune: bool = True,
                      statistics: Optional[dict[str, InputStatistics]] = None,
-                     factor_cache: Optional[dict] = None, show_progress: bool = True) -> nn.Module:
+                     factor_cache: Optional[dict] = None, show_progress: bool = True, solver: str = "reconstruct",
+                     iterations: int = DEFAULT_ITERATIONS, compensate: bool = True, split: str = "auto") -> nn.Module:
     """Compress `model` in place from calibration token ids (num_samples, seq_len); returns `model`.
 
-    See the module docstring for the flow. `lowrank`: "activation" | "plain"; `scores`: "activation" |
-    "magnitude"; `prune_scope`: "global" | "block". `prune=False` stops before any mask (U·V + S == W:
-    the model computes what the dense one did). `statistics` (from `collect_statistics`, global scope only)
-    skips the calibration passes. `factor_cache` (a dict the caller keeps, only across calls with the same
-    dense model and `statistics`) keeps each layer's U, V so a smaller rank later is a slice, not a new SVD:
-    compress the largest ranks first. The method's spec decides the parts, as in `apply`: `losparse` U·V from
-    `low_rank_ratio` + S, `lowrank` only U·V with the whole ratio, `itp` only S = W.
+    See the module docstring for the flow. `solver`: "reconstruct" (`reconstruction`: U·V and the kept rows
+    solved for the calibration error, `iterations` alternations; in block scope with `compensate` the target is
+    the dense outputs from the compressed inputs; `split` "auto" picks each matrix's rank and rows within its share
+    of the ratio, "fixed" takes the rank from `low_rank_ratio`) or "select" (S = W − U·V, rows cut by `scores`). `lowrank`:
+    "activation" | "plain" (no whitening); `scores` ("select" only): "activation" | "magnitude";
+    `prune_scope`: "global" | "block". `prune=False` stops before any mask (U·V + S == W: the model computes
+    what the dense one did; always the select path's decomposition). `statistics` (from `collect_statistics`,
+    global scope only) skips the calibration passes. `factor_cache` ("select" only: a dict the caller keeps,
+    across calls with the same dense model and `statistics`) keeps each layer's U, V so a smaller rank later is
+    a slice. The method's spec decides the parts, as in `apply`: `losparse` U·V from `low_rank_ratio` + S,
+    `lowrank` only U·V with the whole ratio, `itp` only S = W. `model.oneshot_history` holds the reconstruct
+    solver's objective per alternation (per block in block scope).
     """
-    _check_oneshot_arguments(calibration_input_ids, lowrank, scores, prune_scope, statistics)
+    _check_oneshot_arguments(calibration_input_ids, lowrank, scores, prune_scope, statistics, solver, config, split)
     targets, ranks, kept_fraction = _plan(model, config)
     run = _OneshotRun(model, config, {name: rank for (name, _), rank in zip(targets, ranks)}, kept_fraction,
                       lowrank, scores, damping, factor_cache)
+    run.split = split if run.spec.has_sparse and any(ranks) else "fixed"  # auto only where both parts exist
+    reconstruct = prune and solver == "reconstruct"
     started = time.perf_counter()
     was_training = model.training
     model.eval()
     try:
-        if statistics is not None or not run.needs_statistics:
+        if reconstruct and prune_scope == "block":
+            run.reconstruct_blockwise(targets, calibration_input_ids, batch_size, show_progress, iterations,
+                                      compensate)
+        elif reconstruct:
+            if statistics is None and run.needs_statistics:
+                statistics = collect_statistics(model, config, calibration_input_ids, batch_size, show_progress)
+            run.reconstruct(dict(targets), statistics or {}, iterations)
+        elif statistics is not None or not run.needs_statistics:
             run.decompose_all(targets, statistics or {})
         else:
             run.decompose_blockwise(targets, calibration_input_ids, batch_size, show_progress,
                                     prune_each_block=prune and prune_scope == "block")
         model.losparse_config = config
-        if prune and run.spec.has_sparse and prune_scope == "global":
+        if prune and not reconstruct and run.spec.has_sparse and prune_scope == "global":
             run.prune(model)
+        model.oneshot_history = run.history
     finally:
         model.train(was_training)
-    logger.info("one-shot %s (low rank: %s, scores: %s, pruning: %s) of %d layers in %.1f s", config.method, lowrank,
-                scores, prune_scope if prune else "none", len(targets), time.perf_counter() - started)
+    logger.info("one-shot %s (solver: %s, low rank: %s, pruning: %s) of %d layers in %.1f s", config.method,
+                solver if prune else "none", lowrank, prune_scope if prune else "none", len(targets),
+                time.perf_counter() - started)
     return model
 
 
 def _check_oneshot_arguments(calibration_input_ids: Optional[torch.Tensor], lowrank: str, scores: str,
-                             prune_scope: str, statistics: Optional[dict[str, InputStatistics]]) -> None:
+                             prune_scope: str, statistics: Optional[dict[str, InputStatistics]], solver: str,
+                             config: LoSparseConfig, split: str = "auto") -> None:
     """`oneshot_compress`'s option errors, raised before the model is touched."""
+    if split not in SPLITS:
+        raise LoSparseUsageError(f"--oneshot_split {split!r} is not known; choose one of: {', '.join(SPLITS)}")
+    if solver not in SOLVER_CHOICES:
+        raise LoSparseUsageError(f"--oneshot_solver {solver!r} is not known; choose one of: {', '.join(SOLVER_CHOICES)}")
+    if solver == "reconstruct" and config.prune_dim != "rows":
+        raise LoSparseUsageError(f"--oneshot_solver reconstruct keeps whole rows of S, but --prune_dim is "
+                                 f"{config.prune_dim!r}; use --prune_dim rows or --oneshot_solver select")
     if lowrank not in LOWRANK_CHOICES:
         raise LoSparseUsageError(f"--oneshot_lowrank {lowrank!r} is not known; choose one of: {', '.join(LOWRANK_CHOICES)}")
     if scores not in SCORE_CHOICES:
@@ -478,6 +515,8 @@ class _OneshotRun:
         self.needs_statistics = (lowrank == "activation" and has_low_rank) \
             or (scores == "activation" and self.spec.has_sparse)
         self.score_of: dict[int, torch.Tensor] = {}
+        self.history: list[list[float]] = []  # the reconstruct solver's objective per alternation, per solve
+        self.split = "fixed"
         # masks at once: no warmup/final phase, one `update_masks` at p_T
         self.pruner_config = dataclasses.replace(config, pruning_warmup_steps=0, pruning_final_steps=0)
 
@@ -524,3 +563,59 @@ class _OneshotRun:
         if pruner.layers:
             order = torch.cat([self.score_of[id(layer)].to(torch.float64) for layer in pruner.layers])
             pruner.update_masks(self.kept_fraction, scores=order)
+
+    def _factors(self, moments: dict[str, torch.Tensor]) -> dict[str, Optional[torch.Tensor]]:
+        """Whitening factor per layer from its input second moment ("plain" low rank: none, the identity)."""
+        if self.lowrank != "activation":
+            return {}
+        cache: dict[int, Optional[torch.Tensor]] = {}  # layers that read one input share its moment and factor
+        for moment in moments.values():
+            if id(moment) not in cache:
+                cache[id(moment)] = whitening_factor(moment, self.damping)
+        return {name: cache[id(moment)] for name, moment in moments.items()}
+
+    def _solve(self, names: dict[str, nn.Module], targets: dict[str, torch.Tensor],
+               moments: dict[str, torch.Tensor], iterations: int) -> None:
+        layers, history = solve_layers(names, targets, self._factors(moments), self.rank_of, self.kept_fraction,
+                                       iterations, self.spec.has_sparse, self.split, self.config.remaining_ratio)
+        for name, layer in layers.items():
+            set_submodule(self.model, name, layer)
+        self.history.append(history)
+
+    def reconstruct(self, names: dict[str, nn.Module], stats: dict[str, InputStatistics], iterations: int) -> None:
+        """Global scope: one alternation over every target with the dense model's statistics (one S budget)."""
+        moments: dict[str, torch.Tensor] = {}
+        by_stats: dict[int, torch.Tensor] = {}
+        for name in names:
+            if name in stats:
+                moments[name] = by_stats.setdefault(id(stats[name]), stats[name].second_moment())
+        targets = {name: dense_weight_of(linear).to(torch.float64) for name, linear in names.items()}
+        self._solve(names, targets, moments, iterations)
+
+    def reconstruct_blockwise(self, targets: list[tuple[str, nn.Module]], calibration_input_ids: torch.Tensor,
+                              batch_size: int, show_progress: bool, iterations: int, compensate: bool) -> None:
+        """Block scope: each block solved on its own (p_T of its S parameters) from the compressed model's
+        inputs; with `compensate` its targets reproduce the dense outputs (`compensated_target`)."""
+        from tqdm.auto import tqdm
+
+        blocks = find_decoder_blocks(self.model)
+        groups = _group_by_block(self.model, blocks, targets)
+        dense_states = _capture_block_inputs(self.model, blocks[0], calibration_input_ids, batch_size)
+        if not dense_states:
+            raise RuntimeError("the first decoder block was never called")
+        compressed_states = list(dense_states)
+        for index in tqdm(range(len(blocks)), desc="one-shot blocks", disable=not show_progress):
+            stats, dense_outputs = record_paired_statistics(blocks[index], groups[index], dense_states,
+                                                            compressed_states, _run_block)
+            names = groups[index]
+            targets_of = {name: dense_weight_of(linear).to(torch.float64) for name, linear in names.items()}
+            for name in names:
+                if name not in stats:
+                    logger.warning("one-shot: %s saw no calibration input; plain SVD and weight-energy rows", name)
+                elif compensate:
+                    targets_of[name] = compensated_target(targets_of[name], stats[name].cross_moment(),
+                                                          stats[name].second_moment(), self.damping)
+            self._solve(names, targets_of, {name: s.second_moment() for name, s in stats.items()}, iterations)
+            compressed_outputs = _run_block(blocks[index], compressed_states)
+            dense_states = [(out, kwargs) for out, (_, kwargs) in zip(dense_outputs, dense_states)]
+            compressed_states = [(out, kwargs) for out, (_, kwargs) in zip(compressed_outputs, compressed_states)]

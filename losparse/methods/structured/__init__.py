@@ -24,6 +24,11 @@ dense of 0 inputs adds only its bias). The config of a pruned model still names 
 pruned model is saved with `STRUCTURE_FILE` (kept heads and FFN width per layer) and reloaded with
 `load_structured`; plain `from_pretrained` refuses it (shape mismatch), it never loads it wrongly.
 MPNet (relative position bias per head, computed outside the layers) and DeBERTa are not supported.
+
+Decoders (Llama, Qwen2, Mistral) have a one-shot structured peer in the `decoder_*` modules:
+`structured_decoder_oneshot` (FLAP / Wanda-sp scores from calibration data, one global ranking of key/value
+groups and FFN neurons, FLAP's bias compensation, physical removal); `save_structured` / `losparse.load`
+save and reload the result (`decoder_structure`).
 """
 
 from losparse.methods.structured.blocks import (
@@ -38,6 +43,19 @@ from losparse.methods.structured.blocks import (
     target_params,
     zero_pruned,
 )
+from losparse.methods.structured.decoder_blocks import (
+    SUPPORTED_DECODER_TYPES,
+    DecoderBlock,
+    EmptyAttention,
+    check_decoder_supported,
+    decoder_blocks,
+    decoder_group_sizes,
+    decoder_target_params,
+)
+from losparse.methods.structured.decoder_masking import mask_attention, mask_mlp
+from losparse.methods.structured.decoder_oneshot import structured_decoder_oneshot
+from losparse.methods.structured.decoder_removal import remove_pruned_groups
+from losparse.methods.structured.decoder_structure import apply_decoder_structure, decoder_structure_of
 from losparse.methods.structured.pruner import GroupImportance, StructuredPruner, check_structured_config
 from losparse.methods.structured.removal import (
     build_structured_peer,

@@ -16,6 +16,12 @@ from torch import nn
 
 from losparse.core.errors import LoSparseUsageError
 from losparse.methods.structured.blocks import NoSelfAttention, encoder_blocks
+from losparse.methods.structured.decoder_structure import (
+    DECODER_KIND,
+    apply_decoder_structure,
+    decoder_structure_of,
+    is_decoder_model,
+)
 from losparse.methods.structured.removal import empty_linear, structure_of
 
 #: written beside a pruned model's config.json: the kept structure load_structured rebuilds
@@ -23,8 +29,10 @@ STRUCTURE_FILE = "structured_pruning.json"
 
 
 def save_structured(model: nn.Module, directory: str, tokenizer: Any = None) -> str:
-    """`save_pretrained` plus `STRUCTURE_FILE`, so `load_structured` can rebuild the smaller shapes."""
-    return save_with_structure(model, directory, STRUCTURE_FILE, structure_of(model), tokenizer)
+    """`save_pretrained` plus `STRUCTURE_FILE`, so `load_structured` can rebuild the smaller shapes (an encoder's
+    heads and FFN widths, or a Llama-family decoder's key/value groups, FFN widths and output biases)."""
+    structure = decoder_structure_of(model) if is_decoder_model(model) else structure_of(model)
+    return save_with_structure(model, directory, STRUCTURE_FILE, structure, tokenizer)
 
 
 def save_with_structure(model: nn.Module, directory: str, manifest: str, structure: dict[str, Any],
@@ -42,7 +50,11 @@ def load_structured(path: str, device: Any = None) -> nn.Module:
     """Rebuild a model saved by `save_structured` (its class from config.json) and load its weights (eval mode)."""
     structure = read_structure(path)
     model = model_from_config(path)
-    apply_structure(model, structure, os.path.join(path, STRUCTURE_FILE))
+    source = os.path.join(path, STRUCTURE_FILE)
+    if structure.get("kind") == DECODER_KIND:
+        apply_decoder_structure(model, structure, source)
+    else:
+        apply_structure(model, structure, source)
     load_weights_strictly(model, path)
     return model.to(device or "cpu").eval()
 
@@ -78,6 +90,8 @@ def apply_structure(model: nn.Module, structure: dict[str, Any], source: str = S
     The new matrices are empty (`empty_linear`, on the device of the ones they replace): what fills them is
     the caller's (`load_structured` reads the weights; `losparse.load` puts compact layers over them).
     """
+    if structure.get("kind") == DECODER_KIND:
+        raise LoSparseUsageError(f"{source}: a decoder structure; apply it with apply_decoder_structure")
     blocks = encoder_blocks(model)
     if len(blocks) != len(structure["layers"]):
         raise LoSparseUsageError(f"{source}: {len(structure['layers'])} layers for a model of {len(blocks)}")
