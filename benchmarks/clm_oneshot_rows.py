@@ -116,21 +116,21 @@ ROWS: dict[str, Row] = {
     "svd_llm": Row("SVD-LLM: whitened truncation + closed-form update, block by block", "compact",
                    _losparse_row("lowrank", prune_scope="block")),
     "lowrank": Row("whitened truncation from the dense statistics (no update)", "compact",
-                   _losparse_row("lowrank", solver="select")),
+                   _losparse_row("lowrank")),
     "oats": Row("OATS: low rank + unstructured S (stored dense)", "dense-masked", _oats),
     "structured": Row("FLAP-style KV groups + FFN neurons removed, bias compensated", "plain", _structured),
     "itp": Row("S = W, rows cut by calibration error", "compact", _losparse_row("itp")),
     "plain_svd": Row("plain SVD U·V + magnitude-scored S", "compact",
                      _losparse_row("losparse", solver="select", lowrank="plain", scores="magnitude")),
 }
-DEFAULT_ROWS = ("losparse", "losparse_block", "losparse_select", "svd_llm", "lowrank", "oats", "structured")
+DEFAULT_ROWS = ("losparse", "svd_llm", "lowrank", "oats", "structured")  # --rows adds the others
 #: rows that need the dense statistics' largest ranks first (the factor cache slices smaller ranks)
-CACHE_ROWS = ("losparse_select", "lowrank", "plain_svd")
+CACHE_ROWS = ("losparse_select", "plain_svd")
 
 
 def low_rank_share(row: str, ratio: float, low_rank_fraction: float) -> float:
     """The order key of the grid: rows sharing the factor cache run with their largest ranks first."""
     if row not in CACHE_ROWS:
         return -1.0
-    return ratio if row == "lowrank" else low_rank_fraction * ratio
+    return low_rank_fraction * ratio
 

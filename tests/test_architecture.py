@@ -108,6 +108,7 @@ METHOD_BUILDS_ON = {
     "structured_losparse": ("structured",),
     "cofi": ("structured",),
     "cofi_losparse": ("cofi", "structured"),
+    "structured": ("oneshot",),  # the decoder peer's calibration capture
 }
 
 

@@ -151,7 +151,7 @@ def _block_output(output: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _capture_block_inputs(model: nn.Module, first_block: nn.Module, input_ids: torch.Tensor,
+def capture_block_inputs(model: nn.Module, first_block: nn.Module, input_ids: torch.Tensor,
                           batch_size: int) -> list[tuple[torch.Tensor, dict[str, Any]]]:
     """[(hidden_states, kwargs)] per chunk of `batch_size` sequences: what the model feeds its first block."""
     captured: list[tuple[torch.Tensor, dict[str, Any]]] = []
@@ -382,7 +382,7 @@ def _blockwise(model: nn.Module, groups: list[dict[str, nn.Module]], blocks: nn.
     in a way that needs a new forward for the next block's inputs."""
     from tqdm.auto import tqdm
 
-    states = _capture_block_inputs(model, blocks[0], calibration_input_ids, batch_size)
+    states = capture_block_inputs(model, blocks[0], calibration_input_ids, batch_size)
     if not states:
         raise RuntimeError("the first decoder block was never called")
     for index in tqdm(range(len(blocks)), desc="one-shot blocks", disable=not show_progress):
@@ -600,7 +600,7 @@ class _OneshotRun:
 
         blocks = find_decoder_blocks(self.model)
         groups = _group_by_block(self.model, blocks, targets)
-        dense_states = _capture_block_inputs(self.model, blocks[0], calibration_input_ids, batch_size)
+        dense_states = capture_block_inputs(self.model, blocks[0], calibration_input_ids, batch_size)
         if not dense_states:
             raise RuntimeError("the first decoder block was never called")
         compressed_states = list(dense_states)

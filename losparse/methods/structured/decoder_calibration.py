@@ -3,8 +3,8 @@
 The flow is the one of `losparse.methods.oneshot.algorithm` (SparseGPT / OATS): a forward pre-hook on the
 first block records what the model feeds it (hidden states and the keyword arguments: attention mask,
 rotary position embeddings, ...) and stops the forward; every block then runs on the recorded inputs, and its
-outputs become the next block's inputs. The two small helpers are restated here, not imported, because a
-method folder may import no other method's folder (tests/test_architecture.py, `METHOD_BUILDS_ON`).
+outputs become the next block's inputs (the capture is the one-shot driver's own; this folder builds on
+`oneshot`, tests/test_architecture.py `METHOD_BUILDS_ON`).
 
 `ChannelStatistics` holds, per input channel j of one linear, Σ x_j and Σ x_j² over the calibration tokens
 (float64), from which the mean E[x_j], the fluctuation Var(x_j) = E[x_j²] − E[x_j]² (FLAP) and the
@@ -18,36 +18,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from losparse.methods.oneshot.algorithm import capture_block_inputs as capture_oneshot_inputs
+
 #: one chunk of calibration sequences: (hidden states (B, L, H), the keyword arguments of the block call)
 BlockState = tuple[torch.Tensor, dict[str, Any]]
 
 
-class _StopForward(Exception):
-    """Raised by the capture hook once the first block's inputs are recorded."""
-
-
-@torch.no_grad()
 def capture_block_inputs(model: nn.Module, first_block: nn.Module, input_ids: torch.Tensor,
                          batch_size: int) -> list[BlockState]:
-    """[(hidden_states, kwargs)] per chunk of `batch_size` sequences of `input_ids` (N, L): the first block's inputs."""
-    captured: list[BlockState] = []
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden, kwargs))
-        raise _StopForward
-
-    device = next(model.parameters()).device
-    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for start in range(0, input_ids.shape[0], batch_size):
-            try:
-                model(input_ids=input_ids[start:start + batch_size].to(device), use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
+    """[(hidden_states, kwargs)] per chunk of `batch_size` sequences of `input_ids` (N, L): the first block's inputs
+    (the one-shot driver's capture; Llama-family blocks take no extra positional arguments)."""
+    captured = capture_oneshot_inputs(model, first_block, input_ids, batch_size)
     if not captured:
         raise RuntimeError("the first decoder block was never called")
     return captured

@@ -542,3 +542,23 @@ def test_calibration_seq_len_defaults_to_512_capped_at_the_positions(positions, 
     explicit = oneshot_cli.OneShotArguments(calibration_seq_len=positions + 1)
     with pytest.raises(LoSparseUsageError, match=f"--calibration_seq_len {positions + 1} is more than"):
         oneshot_cli.check_oneshot_plan(explicit, _config(), "tiny", AutoModelForCausalLM, model_config)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--llmcompressor_python", "/nonexistent/python"],
+     "--llmcompressor_python '/nonexistent/python' does not exist (see benchmarks/llmcompressor_row.py for the venv "
+     "it needs)"),
+    (["--decode_new_tokens", "1"], "--decode_new_tokens 1 must be >= 2 (per token = (N - 1 tokens) / (N - 1))"),
+])
+def test_table_tool_refuses_bad_peer_and_timing_flags_in_one_line(extra, message, tmp_path):
+    args = clm_oneshot_table.build_parser().parse_args(["--output_dir", str(tmp_path), *extra])
+    with pytest.raises(LoSparseUsageError) as error:
+        clm_oneshot_table.check_arguments(args)
+    assert str(error.value) == message
+
+
+def test_external_rows_are_formatted_as_an_unstructured_dense_storage_reference():
+    result = {"external": {"llmcompressor_version": "0.14.0.1", "rows": [
+        {"row": "llmcompressor_sparsegpt", "remaining_ratio": 0.4998, "perplexity": 150.25}]}}
+    text = clm_oneshot_table.format_external_table(result)
+    assert "| llmcompressor_sparsegpt | 0.50 | 150.250 |" in text and "dense model's" in text
