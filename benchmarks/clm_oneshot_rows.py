@@ -27,8 +27,9 @@ from typing import Any, Callable
 import torch
 
 from losparse.core.config import LoSparseConfig
+from losparse.core.decompose import require_targets
 from losparse.deploy.compact import compact, parameter_report
-from losparse.methods.oneshot.algorithm import _plan, oneshot_compress
+from losparse.methods.oneshot.algorithm import oneshot_compress
 from losparse.methods.oneshot.oats import DEFAULT_ITERATIONS as OATS_ITERATIONS
 from losparse.methods.oneshot.oats import DEFAULT_RANK_SHARE, oats_compress
 from losparse.methods.oneshot.reconstruction import DEFAULT_ITERATIONS
@@ -91,8 +92,7 @@ def _losparse_row(method: str, **options: Any) -> Callable[[RowContext, float], 
 
 def _oats(context: RowContext, ratio: float) -> tuple[Any, dict[str, Any]]:
     model = copy.deepcopy(context.model)
-    targets, _, _ = _plan(model, _config("lowrank", ratio, context))
-    layers = dict(targets)
+    layers = dict(require_targets(model, _config("lowrank", ratio, context)))
     rms = {name: context.statistics[name].channel_rms() for name in layers}
     report = oats_compress(model, layers, rms, ratio, context.oats_rank_share, context.oats_iterations)
     return model, {"achieved_ratio": report["remaining_ratio"], "low_rank_share": None,

@@ -48,6 +48,7 @@ import math
 import os
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -503,8 +504,6 @@ def measure_cell(args: argparse.Namespace, row: str, ratio: float, context: RowC
 def external_rows(args: argparse.Namespace, model: Any, calibration: Any, heldout: Any) -> dict[str, Any]:
     """llmcompressor's rows, run by `benchmarks/llmcompressor_row.py` in its own venv on this table's dense model
     and token blocks (exported to a temporary directory); returns its JSON."""
-    import subprocess
-
     import torch
 
     script = os.path.join(REPO, "benchmarks", "llmcompressor_row.py")

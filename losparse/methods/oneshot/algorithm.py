@@ -452,9 +452,9 @@ def oneshot_compress(model: nn.Module, config: LoSparseConfig, calibration_input
         if reconstruct and prune_scope == "block":
             run.reconstruct_blockwise(targets, calibration_input_ids, batch_size, show_progress, iterations,
                                       compensate)
+        elif reconstruct and statistics is None and run.needs_statistics:
+            run.reconstruct_each_block(targets, calibration_input_ids, batch_size, show_progress, iterations)
         elif reconstruct:
-            if statistics is None and run.needs_statistics:
-                statistics = collect_statistics(model, config, calibration_input_ids, batch_size, show_progress)
             run.reconstruct(dict(targets), statistics or {}, iterations)
         elif statistics is not None or not run.needs_statistics:
             run.decompose_all(targets, statistics or {})
@@ -564,33 +564,50 @@ class _OneshotRun:
             order = torch.cat([self.score_of[id(layer)].to(torch.float64) for layer in pruner.layers])
             pruner.update_masks(self.kept_fraction, scores=order)
 
-    def _factors(self, moments: dict[str, torch.Tensor]) -> dict[str, Optional[torch.Tensor]]:
-        """Whitening factor per layer from its input second moment ("plain" low rank: none, the identity)."""
-        if self.lowrank != "activation":
-            return {}
-        cache: dict[int, Optional[torch.Tensor]] = {}  # layers that read one input share its moment and factor
-        for moment in moments.values():
-            if id(moment) not in cache:
-                cache[id(moment)] = whitening_factor(moment, self.damping)
-        return {name: cache[id(moment)] for name, moment in moments.items()}
+    def _factor_of(self, moments: dict[str, torch.Tensor]) -> Callable[[str], Optional[torch.Tensor]]:
+        """name -> whitening factor of its input second moment, computed when asked ("plain" low rank: None, the
+        identity). Layers that read one input (q/k/v, gate/up) come one after another and share the last factor."""
+        last: dict[str, Any] = {"moment": None, "factor": None}
 
-    def _solve(self, names: dict[str, nn.Module], targets: dict[str, torch.Tensor],
+        def factor_of(name: str) -> Optional[torch.Tensor]:
+            moment = moments.get(name)
+            if self.lowrank != "activation" or moment is None:
+                return None
+            if moment is not last["moment"]:
+                last.update(moment=moment, factor=whitening_factor(moment, self.damping))
+            return last["factor"]
+        return factor_of
+
+    def _solve(self, names: dict[str, nn.Module], target_of: Callable[[str], torch.Tensor],
                moments: dict[str, torch.Tensor], iterations: int) -> None:
-        layers, history = solve_layers(names, targets, self._factors(moments), self.rank_of, self.kept_fraction,
-                                       iterations, self.spec.has_sparse, self.split, self.config.remaining_ratio)
-        for name, layer in layers.items():
-            set_submodule(self.model, name, layer)
+        history = solve_layers(names, target_of, self._factor_of(moments),
+                               lambda name, layer: set_submodule(self.model, name, layer), self.rank_of,
+                               self.kept_fraction, iterations, self.spec.has_sparse, self.split,
+                               self.config.remaining_ratio)
         self.history.append(history)
 
     def reconstruct(self, names: dict[str, nn.Module], stats: dict[str, InputStatistics], iterations: int) -> None:
-        """Global scope: one alternation over every target with the dense model's statistics (one S budget)."""
+        """Global scope: every target solved from the dense model's statistics, one matrix at a time (each keeps
+        its own share of the ratio, `reconstruction.select_rows`)."""
         moments: dict[str, torch.Tensor] = {}
         by_stats: dict[int, torch.Tensor] = {}
         for name in names:
             if name in stats:
                 moments[name] = by_stats.setdefault(id(stats[name]), stats[name].second_moment())
-        targets = {name: dense_weight_of(linear).to(torch.float64) for name, linear in names.items()}
-        self._solve(names, targets, moments, iterations)
+        self._solve(names, lambda name: dense_weight_of(names[name]), moments, iterations)
+
+    def reconstruct_each_block(self, targets: list[tuple[str, nn.Module]], calibration_input_ids: torch.Tensor,
+                               batch_size: int, show_progress: bool, iterations: int) -> None:
+        """Global scope without precomputed statistics: each block solved from its dense statistics as soon as they
+        are recorded (then freed); the next block still sees the dense outputs recorded before the solve."""
+        blocks = find_decoder_blocks(self.model)
+        groups = _group_by_block(self.model, blocks, targets)
+
+        def after_statistics(index: int, stats: dict[str, InputStatistics]) -> bool:
+            self.reconstruct(groups[index], stats, iterations)
+            return False
+
+        _blockwise(self.model, groups, blocks, calibration_input_ids, batch_size, show_progress, after_statistics)
 
     def reconstruct_blockwise(self, targets: list[tuple[str, nn.Module]], calibration_input_ids: torch.Tensor,
                               batch_size: int, show_progress: bool, iterations: int, compensate: bool) -> None:
@@ -615,7 +632,8 @@ class _OneshotRun:
                 elif compensate:
                     targets_of[name] = compensated_target(targets_of[name], stats[name].cross_moment(),
                                                           stats[name].second_moment(), self.damping)
-            self._solve(names, targets_of, {name: s.second_moment() for name, s in stats.items()}, iterations)
+            moments = {name: s.second_moment() for name, s in stats.items()}
+            self._solve(names, targets_of.__getitem__, moments, iterations)
             compressed_outputs = _run_block(blocks[index], compressed_states)
             dense_states = [(out, kwargs) for out, (_, kwargs) in zip(dense_outputs, dense_states)]
             compressed_states = [(out, kwargs) for out, (_, kwargs) in zip(compressed_outputs, compressed_states)]

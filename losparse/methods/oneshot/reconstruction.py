@@ -35,7 +35,7 @@ alternation on target M* with C̃ from G̃ minimises the error against the dense
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -49,7 +49,7 @@ DEFAULT_ITERATIONS = 1
 
 @dataclass
 class RowProblem:
-    """One matrix's reconstruction: target M (out, in), whitening C (in, in), rank k, and the current state.
+    """One matrix's reconstruction: target M (out, in; its own dtype), whitening C (in, in) float64, rank k, state.
 
     `whitened`: T = M·C (out, in) float64; `scale`: ‖T‖²_F (the layer's output energy, normaliser of its
     error); `kept`: bool (out,) rows of R; `residual`: T − L·C (out, in) for the current L; `tail`: the error
@@ -62,6 +62,7 @@ class RowProblem:
     rank: int
     budget_rows: int = 0  # rows of S this matrix may keep ("layer" allocation)
     initial_svd: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None  # SVD of T, if already computed
+    fitted: bool = field(init=False, default=False)
     whitened: torch.Tensor = field(init=False)
     scale: float = field(init=False)
     kept: torch.Tensor = field(init=False)
@@ -84,7 +85,7 @@ class RowProblem:
         """Step 1 for rows R = `kept`: L = rank-k SVD of T on the other rows; sets the state, returns the tail.
 
         The same R as the current one changes nothing, so no SVD is computed for it."""
-        if getattr(self, "kept", None) is not None and hasattr(self, "tail") and torch.equal(kept, self.kept):
+        if self.fitted and torch.equal(kept, self.kept):
             return self.tail
         free = (~kept).nonzero().flatten()
         left = torch.zeros(self.target.shape[0], self.rank, dtype=torch.float64, device=self.target.device)
@@ -96,11 +97,12 @@ class RowProblem:
                 u, sigma, vt = _tall_svd(self.whitened.index_select(0, free))
             k = min(self.rank, sigma.numel())
             root = sigma[:k].sqrt()
-            left[free, :k] = u[:, :k] * root
-            right[:k] = root.unsqueeze(1) * vt[:k]
+            left[free, :k] = (u[:, :k] * root).to(torch.float64)
+            right[:k] = (root.unsqueeze(1) * vt[:k]).to(torch.float64)
         self.kept, self.factors = kept.clone(), (left, right)
         self.residual = self.whitened - left @ right
         self.tail = float(self.residual[~kept].square().sum())
+        self.fitted = True
         return self.tail
 
     def row_gains(self) -> torch.Tensor:
@@ -123,7 +125,7 @@ def _tall_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     else:
         v, s, ut = torch.linalg.svd(work.T, full_matrices=False)
         u, vt = ut.T, v.T
-    return u.to(torch.float64), s.to(torch.float64), vt.to(torch.float64)
+    return u, s, vt
 
 
 def total_error(problems: list[RowProblem]) -> float:
@@ -170,7 +172,7 @@ def best_split(whitened: torch.Tensor, budget: float,
     out_features, in_features = whitened.shape
     u, sigma, _ = svd if svd is not None else _tall_svd(whitened)
     max_rank = min(int(budget // (out_features + in_features)), sigma.numel())
-    energy = (u[:, :max_rank] * sigma[:max_rank]).square()
+    energy = (u[:, :max_rank] * sigma[:max_rank]).square().to(torch.float64)
     residual = whitened.square().sum(dim=1, keepdim=True) - torch.cat(
         [torch.zeros_like(energy[:, :1]), torch.cumsum(energy, dim=1)], dim=1)  # (out, max_rank + 1)
     ranks = torch.arange(max_rank + 1, device=whitened.device)
@@ -250,27 +252,47 @@ def _problem(name: str, target: torch.Tensor, factor: torch.Tensor, rank: int, k
     """One matrix's problem with its rank and row budget per `split` (the ratio's share of this matrix)."""
     out_features, in_features = target.shape
     if split == "auto" and remaining_ratio is not None:
-        svd = _tall_svd(target @ factor)
-        rank, rows = best_split(target @ factor, remaining_ratio * out_features * in_features, svd)
+        whitened = target.to(torch.float64) @ factor
+        svd = _tall_svd(whitened)
+        rank, rows = best_split(whitened, remaining_ratio * out_features * in_features, svd)
+        del whitened  # RowProblem computes its own; one copy alive at a time
         return RowProblem(name, target, factor, rank, rows, initial_svd=svd)
     return RowProblem(name, target, factor, rank, int(kept_fraction * out_features + 1e-9))
 
 
-def solve_layers(linears: dict[str, torch.nn.Module], targets: dict[str, torch.Tensor],
-                 factors: dict[str, Optional[torch.Tensor]], rank_of: dict[str, int], kept_fraction: float,
-                 iterations: int, has_sparse: bool, split: str = "auto", remaining_ratio: Optional[float] = None,
-                 allocation: str = "layer") -> tuple[dict[str, torch.nn.Module], list[float]]:
-    """Solve the problems of `linears` and build their layers; returns (name -> LoSparseLinear, the objective
-    history). `split` "auto" (with `remaining_ratio`) picks each matrix's rank and rows; "fixed" uses `rank_of` and
-    `kept_fraction` of each matrix's rows (or, `allocation` "global", of all rows' parameters together). A missing
-    factor (a layer that saw no calibration input) is the identity: plain SVD and weight-energy rows."""
-    problems = []
-    for name, target in targets.items():
-        factor = factors.get(name)
+def _summed(histories: list[list[float]]) -> list[float]:
+    """Elementwise sum of per-matrix objective histories, each padded with its last value (it stopped there)."""
+    length = max((len(h) for h in histories), default=0)
+    return [sum(h[min(i, len(h) - 1)] for h in histories if h) for i in range(length)]
+
+
+def solve_layers(linears: dict[str, torch.nn.Module], target_of: Callable[[str], torch.Tensor],
+                 factor_of: Callable[[str], Optional[torch.Tensor]], place: Callable[[str, torch.nn.Module], None],
+                 rank_of: dict[str, int], kept_fraction: float, iterations: int, has_sparse: bool,
+                 split: str = "auto", remaining_ratio: Optional[float] = None, allocation: str = "layer") -> list[float]:
+    """Solve the problems of `linears` and `place(name, layer)` each finished LoSparseLinear; returns the objective
+    history (summed over the matrices). `target_of(name)` / `factor_of(name)` give a matrix's target M (out, in) and
+    whitening C (in, in; None: the identity, a layer that saw no calibration input) when its turn comes, so with
+    the per-matrix ("layer") allocation only one problem's float64 buffers are alive at a time; "global" needs
+    them all at once. `split` "auto" (with `remaining_ratio`) picks each matrix's rank and rows; "fixed" uses
+    `rank_of` and `kept_fraction` of each matrix's rows (or, "global", of all rows' parameters together)."""
+    def problem(name: str) -> RowProblem:
+        target = target_of(name).detach()  # kept in its dtype: the float64 work copies are the problem's own
+        factor = factor_of(name)
         if factor is None:
             factor = torch.eye(target.shape[1], dtype=torch.float64, device=target.device)
-        problems.append(_problem(name, target.to(torch.float64), factor.to(target.device), rank_of[name],
-                                 kept_fraction, split if has_sparse else "fixed", remaining_ratio))
-    history = alternate(problems, kept_fraction, iterations, allocation) if has_sparse else [total_error(problems)]
-    layers = {p.name: layer_from_problem(linears[p.name], p, has_sparse) for p in problems}
-    return layers, history
+        return _problem(name, target, factor.to(target.device), rank_of[name], kept_fraction,
+                        split if has_sparse else "fixed", remaining_ratio)
+
+    if has_sparse and allocation == "global":
+        problems = [problem(name) for name in linears]
+        history = alternate(problems, kept_fraction, iterations, allocation)
+        for p in problems:
+            place(p.name, layer_from_problem(linears[p.name], p, has_sparse))
+        return history
+    histories = []
+    for name, linear in linears.items():
+        solved = problem(name)
+        histories.append(alternate([solved], kept_fraction, iterations) if has_sparse else [total_error([solved])])
+        place(name, layer_from_problem(linear, solved, has_sparse))
+    return _summed(histories)
