@@ -594,6 +594,8 @@ class _OneshotRun:
         for name in names:
             if name in stats:
                 moments[name] = by_stats.setdefault(id(stats[name]), stats[name].second_moment())
+            elif self.needs_statistics:
+                logger.warning("one-shot: %s saw no calibration input; plain SVD and weight-energy rows", name)
         self._solve(names, lambda name: dense_weight_of(names[name]), moments, iterations)
 
     def reconstruct_each_block(self, targets: list[tuple[str, nn.Module]], calibration_input_ids: torch.Tensor,
