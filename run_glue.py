@@ -39,7 +39,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         argv,
         description=__doc__.split("\n\n")[0],
     )
-    start_run(model_args, losparse_config, run_args, training_args, AutoModelForSequenceClassification)
+    start_run(model_args, losparse_config, run_args, training_args,
+              AutoModelForSequenceClassification, oneshot=oneshot_args.oneshot)
 
     # Everything that can be checked without the weights is checked before they load.
     model_config = load_model_config(model_args.model_name_or_path, cache_dir=model_args.cache_dir)

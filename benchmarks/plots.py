@@ -533,3 +533,24 @@ def write_plots(records: Sequence[Mapping[str, Any]], out_dir: str) -> list[str]
     for write in (write_schedule_plots, write_importance_plots, write_spectrum_plots, write_frontier_plots):
         paths += write(records, out_dir)
     return paths
+
+
+def plot_recovery_curves(cells: Sequence[Mapping[str, Any]], path: str) -> str:
+    """Held-out perplexity (log scale) vs fine-tuning steps, one panel per remaining ratio, one line per row; the
+    dense row (ratio 1) is drawn in every panel as the reference (`benchmarks.clm_recovery`'s cells)."""
+    ratios = sorted({c["ratio"] for c in cells if c["row"] != "dense"}) or [1.0]
+    dense = [c for c in cells if c["row"] == "dense"]
+    fig, axes = _figure(figsize=(5.0 * len(ratios), 4.0), ncols=len(ratios), sharey=True)
+    for ax, ratio in zip(axes[0], ratios):
+        for cell in [c for c in cells if c["ratio"] == ratio and c["row"] != "dense"] + dense:
+            points = sorted(cell["points"], key=lambda p: p["steps"])
+            style = {"color": "black", "linestyle": "--"} if cell["row"] == "dense" else {}
+            ax.plot([p["steps"] for p in points], [p["perplexity"] for p in points], marker="o",
+                    label=cell["row"], **style)
+        ax.set_yscale("log")
+        ax.set_xlabel("fine-tuning steps")
+        ax.set_title(f"remaining ratio {ratio:g}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("held-out perplexity")
+    axes[0][-1].legend()
+    return _save(fig, path)

@@ -109,6 +109,7 @@ METHOD_BUILDS_ON = {
     "cofi": ("structured",),
     "cofi_losparse": ("cofi", "structured"),
     "structured": ("oneshot",),  # the decoder peer's calibration capture
+    "losparse": ("oneshot",),  # its one-shot form
 }
 
 

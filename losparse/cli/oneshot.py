@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import random
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
@@ -28,19 +29,12 @@ CALIBRATION_EXTENSIONS = ("txt", "json", "jsonl")
 DEFAULT_CALIBRATION_SEQ_LEN = 512
 
 
-from losparse.methods.oneshot.algorithm import (
-    LOWRANK_CHOICES,
-    PRUNE_SCOPES,
-    SCORE_CHOICES,
-    SOLVER_CHOICES,
-    check_oneshot_method,
-    oneshot_compress,
-)
+from losparse.methods import get_method, method_for_directory
+from losparse.methods.oneshot.algorithm import LOWRANK_CHOICES, PRUNE_SCOPES, SCORE_CHOICES, SOLVER_CHOICES
 from losparse.methods.oneshot.reconstruction import DEFAULT_ITERATIONS, SPLITS
 from losparse.training.preflight import (
     check_low_rank_share,
     check_max_length,
-    is_compact_checkpoint,
     position_limit,
     target_shapes,
 )
@@ -169,13 +163,16 @@ def read_calibration_ids(tokenizer: Any, path_or_texts: Union[str, Sequence[str]
 def calibrated_init(model: nn.Module, config: LoSparseConfig, tokenizer: Any, oneshot_args: OneShotArguments,
                     default_texts: Optional[Sequence[str]] = None, seed: int = 0,
                     calibration_input_ids: Optional[torch.Tensor] = None, prune: bool = True) -> nn.Module:
-    """The entry the run scripts use for `--oneshot` / `--init oneshot`: calibration ids, then `oneshot_compress`.
+    """The entry the run scripts use for `--oneshot` / `--init oneshot`: calibration ids, then the method's
+    one-shot form (`CompressionMethod.oneshot`: `oneshot_compress` for losparse/lowrank/itp,
+    `structured_decoder_oneshot` for structured).
 
     Calibration text: `--calibration_file`, else `default_texts` (the training split). Pass
     `calibration_input_ids` when they were read earlier (run scripts read them before the weights load,
     so bad calibration input fails fast). `prune=False` is the fine-tuning start (`--init oneshot`,
-    `--oneshot --do_train`): activation-aware U·V, S = W − U·V unpruned, in training form, so
-    `cli.make_trainer` composes the pruning trainer and LoSparse prunes S on its schedule.
+    `--oneshot --do_train`): for losparse, activation-aware U·V, S = W − U·V unpruned, in training form, so
+    `cli.make_trainer` composes the pruning trainer and LoSparse prunes S on its schedule; structured pruning
+    has no such start (it prunes once, the smaller model then trains as it is).
     """
     if calibration_input_ids is None:
         source = oneshot_args.calibration_file or default_texts
@@ -183,38 +180,29 @@ def calibrated_init(model: nn.Module, config: LoSparseConfig, tokenizer: Any, on
             raise LoSparseUsageError("one-shot compression needs --calibration_file (no training text to default to)")
         calibration_input_ids = read_calibration_ids(tokenizer, source, oneshot_args.num_calibration_samples,
                                                      oneshot_args.calibration_seq_len, seed)
-    return oneshot_compress(model, config, calibration_input_ids, lowrank=oneshot_args.oneshot_lowrank,
-                            scores=oneshot_args.oneshot_scores, prune_scope=oneshot_args.oneshot_prune_scope,
-                            batch_size=oneshot_args.oneshot_batch_size, prune=prune,
-                            solver=oneshot_args.oneshot_solver, iterations=oneshot_args.oneshot_iters,
-                            compensate=oneshot_args.oneshot_compensate, split=oneshot_args.oneshot_split)
+    return get_method(config.method).oneshot(model, config, calibration_input_ids, oneshot_args, prune=prune)
 
 
 def check_oneshot_plan(oneshot_args: OneShotArguments, config: LoSparseConfig, model_name_or_path: str,
                        auto_class: Any, model_config: Any, fine_tune: bool = False) -> float:
     """What a `--oneshot` run can check before the weights load (a usage error each); returns p_T.
 
-    A compressing method, a dense starting model, calibration sequences within the model's positions,
-    and a low-rank part that leaves something for S. `fine_tune` (`--oneshot --do_train`: the calibrated
-    decomposition starts LoSparse fine-tuning) needs method losparse: the other methods have no
-    calibrated start to give (itp: S = W) or nothing left to prune (lowrank).
+    The method's own checks (`CompressionMethod.check_oneshot`: a one-shot form exists, and for `fine_tune`,
+    `--oneshot --do_train`, a start that can train), a dense starting model, calibration sequences within the
+    model's positions, and for the decomposing methods a low-rank part that leaves something for S.
     """
-    check_oneshot_method(config)
-    if fine_tune and config.method != "losparse":
-        raise LoSparseUsageError(f"--oneshot --do_train starts LoSparse fine-tuning from the calibrated decomposition "
-                                 f"and needs --method losparse (got {config.method}); drop --do_train for a one-shot "
-                                 f"{config.method} model")
-    if not fine_tune and oneshot_args.oneshot_solver == "reconstruct" and config.prune_dim != "rows":
-        raise LoSparseUsageError(f"--oneshot_solver reconstruct keeps whole rows of S, but --prune_dim is "
-                                 f"{config.prune_dim!r}; use --prune_dim rows or --oneshot_solver select")
-    if is_compact_checkpoint(model_name_or_path):
+    get_method(config.method).check_oneshot(config, model_config, oneshot_args, fine_tune)
+    saved_by = method_for_directory(model_name_or_path) if os.path.isdir(model_name_or_path) else None
+    if saved_by is not None:
         raise LoSparseUsageError(f"--oneshot needs a dense model, but --model_name_or_path {model_name_or_path!r} is "
-                                 "already a LoSparse checkpoint")
+                                 f"already compressed (saved by --method {saved_by.names[0]})")
     if oneshot_args.calibration_seq_len is None:
         limit = position_limit(model_config)
         oneshot_args.calibration_seq_len = min(DEFAULT_CALIBRATION_SEQ_LEN, limit[0]) if limit else \
             DEFAULT_CALIBRATION_SEQ_LEN
     check_max_length("calibration_seq_len", oneshot_args.calibration_seq_len, model_config, model_name_or_path)
+    if not config.method_spec.decomposes:
+        return float(config.remaining_ratio)
     shapes = target_shapes(auto_class, model_config, config)
     if not config.method_spec.has_sparse:
         return 0.0

@@ -239,8 +239,10 @@ def setup_logging(training_args: Any) -> None:
         datasets.disable_progress_bars()
 
 
-def start_run(model_args: Any, losparse_config: Any, run_args: Any, training_args: Any, auto_class: Any) -> None:
-    """Everything before data and weights are loaded: the checks that need neither, logging, seeding."""
+def start_run(model_args: Any, losparse_config: Any, run_args: Any, training_args: Any, auto_class: Any,
+              oneshot: bool = False) -> None:
+    """Everything before data and weights are loaded: the checks that need neither, logging, seeding. `oneshot`:
+    the run compresses from calibration data first (`--oneshot`)."""
     check_launch(training_args, script=os.path.basename(sys.argv[0]) or "run_glue.py")
     check_output_dir(training_args.output_dir, run_args.overwrite_output_dir, training_args.resume_from_checkpoint)
     setup_logging(training_args)  # before the resume check, which logs the incomplete checkpoints it skips
@@ -248,7 +250,7 @@ def start_run(model_args: Any, losparse_config: Any, run_args: Any, training_arg
     if training_args.dataloader_pin_memory and not torch.cuda.is_available():
         training_args.dataloader_pin_memory = False  # no accelerator: pinning does nothing but warn every run
     get_method(losparse_config.method).check(losparse_config, model_args.model_name_or_path, auto_class,
-                                             cache_dir=model_args.cache_dir)
+                                             cache_dir=model_args.cache_dir, oneshot=oneshot)
     if run_args.overwrite_output_dir and not training_args.resume_from_checkpoint and training_args.should_save:
         removed = remove_stale_artifacts(training_args.output_dir)
         if removed:
@@ -316,9 +318,11 @@ def finish_run(trainer: Any, tokenizer: Any, evaluate: Callable[[], dict[str, fl
     The reported eval metrics are those of the compacted model, i.e. of exactly what is saved. The method
     of the model (a model that arrived compressed reports the config it was compressed with) compacts and
     saves it through its hooks; all_results.json holds the method and its config, `extra_results`, the
-    training metrics (prefixed train_), the eval metrics and the compression report.
+    training metrics (prefixed train_), the eval metrics, the compression report and, when the run evaluated
+    while training, `eval_history` (the Trainer's eval log entries: step, eval_loss, ...).
     """
     model = trainer.model
+    history = [entry for entry in trainer.state.log_history if "eval_loss" in entry]  # evaluations while training
     losparse_config = getattr(model, "losparse_config", losparse_config)
     method = get_method(losparse_config.method)
     if is_fsdp_model(model):  # FSDP2: every rank gathers the full tensors before compaction (collective)
@@ -340,6 +344,8 @@ def finish_run(trainer: Any, tokenizer: Any, evaluate: Callable[[], dict[str, fl
         **{k if k.startswith("train") else f"train_{k}": v for k, v in train_metrics.items()},
         **metrics, "compression": report,
     }
+    if history:  # --eval_strategy steps: the curve during training (the final metrics above are the saved model's)
+        results["eval_history"] = history
     write_json(os.path.join(trainer.args.output_dir, "all_results.json"), results)
     summary = method.format_report(report)
     if summary:

@@ -3,7 +3,9 @@
 The run scripts know no method by name. They call, in this order (`losparse.cli.run`):
 
     method = get_method(config.method)
-    method.check(config, model_name_or_path, auto_class)   # before any weights load: refuse early
+    method.check(config, model_name_or_path, auto_class, oneshot=...)  # before any weights load: refuse early
+    method.check_oneshot(config, model_config, fine_tune)  # --oneshot only, also before the weights
+    method.oneshot(model, config, calibration_ids, options, prune)   # --oneshot only: compress from calibration
     trainer = method.make_trainer(trainer_class, config, ...)  # the method's Trainer, built once
     trainer.train()
     facts = method.compact(trainer)      # physically remove what was pruned (all ranks)
@@ -39,10 +41,25 @@ class CompressionMethod:
     #: directories a run of this method leaves in its output directory besides checkpoints (removed by
     #: --overwrite_output_dir, so a new run never builds on them)
     run_artifact_dirs: tuple[str, ...] = ()
+    #: which of `names` have the one-shot form `oneshot` gives (empty: all of them, if it is overridden)
+    oneshot_names: tuple[str, ...] = ()
 
     def check(self, config: LoSparseConfig, model_name_or_path: str, auto_class: Any,
-              cache_dir: Optional[str] = None) -> None:
-        """Usage errors found from the config and the model's config alone (no weights loaded yet)."""
+              cache_dir: Optional[str] = None, oneshot: bool = False) -> None:
+        """Usage errors found from the config and the model's config alone (no weights loaded yet). `oneshot`:
+        the run compresses from calibration data (`--oneshot`) before any training."""
+
+    def check_oneshot(self, config: LoSparseConfig, model_config: Any, options: Any, fine_tune: bool) -> None:
+        """Usage errors of `--oneshot` for this method (`options`: the run's `OneShotArguments`; `fine_tune`: the
+        one-shot model then trains, `--oneshot --do_train`), before the weights load. Default: no one-shot form."""
+        raise LoSparseUsageError(f"--oneshot has no form for --method {config.method}; choose one of: "
+                                 + ", ".join(oneshot_method_names()))
+
+    def oneshot(self, model: Any, config: LoSparseConfig, calibration_input_ids: Any, options: Any,
+                prune: bool = True) -> Any:
+        """Compress `model` in place from calibration token ids (num_samples, seq_len); returns it. `prune=False`:
+        only the calibrated start that training then prunes (a method without one prunes anyway)."""
+        raise LoSparseUsageError(f"--oneshot has no form for --method {config.method}")
 
     def make_trainer(self, trainer_class: type, config: LoSparseConfig, *, teacher_model: Any = None,
                      distill_args: Any = None, allow_resume_config_change: bool = False,
@@ -92,6 +109,12 @@ def method_for_directory(path: str) -> Optional[CompressionMethod]:
     if not candidates:
         return None
     return max(candidates, key=lambda cls: (len(cls.saved_markers), cls.__name__))()
+
+
+def oneshot_method_names() -> list[str]:
+    """The registered names with a one-shot form (a class overriding `oneshot`, limited by its `oneshot_names`)."""
+    return sorted(name for name, cls in REGISTRY.items() if cls.oneshot is not CompressionMethod.oneshot
+                  and name in (cls.oneshot_names or cls.names))
 
 
 def run_artifact_dirs() -> tuple[str, ...]:

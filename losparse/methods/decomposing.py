@@ -34,7 +34,7 @@ class DecomposingMethod(CompressionMethod):
     saved_markers = (LOSPARSE_CONFIG_FILE,)
 
     def check(self, config: LoSparseConfig, model_name_or_path: str, auto_class: Any,
-              cache_dir: Optional[str] = None) -> None:
+              cache_dir: Optional[str] = None, oneshot: bool = False) -> None:
         resolve_svd_device(config.svd_device, torch.device("cpu"))
         check_targets_before_loading(model_name_or_path, auto_class, config, cache_dir=cache_dir)
 

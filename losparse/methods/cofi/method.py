@@ -26,7 +26,7 @@ class CofiMethod(CompressionMethod):
     saved_markers = (COFI_FILE,)
 
     def check(self, config: LoSparseConfig, model_name_or_path: str, auto_class: Any,
-              cache_dir: Optional[str] = None) -> None:
+              cache_dir: Optional[str] = None, oneshot: bool = False) -> None:
         check_cofi_config(config)
         check_family(load_model_config(model_name_or_path, cache_dir=cache_dir))
 

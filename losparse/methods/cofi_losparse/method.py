@@ -33,7 +33,7 @@ class CofiLoSparseMethod(DecomposingMethod):
     saved_markers = (LOSPARSE_CONFIG_FILE, COFI_FILE)
 
     def check(self, config: LoSparseConfig, model_name_or_path: str, auto_class: Any,
-              cache_dir: Optional[str] = None) -> None:
+              cache_dir: Optional[str] = None, oneshot: bool = False) -> None:
         if config.shrink_sparse:
             raise LoSparseUsageError("--shrink_sparse is not available with --method cofi_losparse (CoFi slices S's "
                                      "rows with its heads at the end); drop it")

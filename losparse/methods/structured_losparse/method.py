@@ -67,7 +67,7 @@ class StructuredLoSparseMethod(DecomposingMethod):
     run_artifact_dirs = (STAGE_DIR,)
 
     def check(self, config: LoSparseConfig, model_name_or_path: str, auto_class: Any,
-              cache_dir: Optional[str] = None) -> None:
+              cache_dir: Optional[str] = None, oneshot: bool = False) -> None:
         StructuredMethod().check(first_stage_config(config), model_name_or_path, auto_class, cache_dir=cache_dir)
         super().check(second_stage_config(config), model_name_or_path, auto_class, cache_dir=cache_dir)
 

@@ -423,7 +423,8 @@ def no_model_loading(monkeypatch):
     (["--num_calibration_samples", "40"], "the calibration text (the training split) holds 540 tokens (EOS included), "
                                           "fewer than the 1280 needed for --num_calibration_samples 40 x "
                                           "--calibration_seq_len 32; lower them or add text"),
-    (["--method", "finetune"], "--oneshot has no form for --method finetune; choose one of: losparse, lowrank, itp"),
+    (["--method", "finetune"], "--oneshot has no form for --method finetune; choose one of: itp, losparse, lowrank, "
+                                "structured"),
     (["--method", "itp", "--do_train"], "--oneshot --do_train starts LoSparse fine-tuning from the calibrated "
                                         "decomposition and needs --method losparse (got itp); drop --do_train for a "
                                         "one-shot itp model"),
@@ -562,3 +563,61 @@ def test_external_rows_are_formatted_as_an_unstructured_dense_storage_reference(
         {"row": "llmcompressor_sparsegpt", "remaining_ratio": 0.4998, "perplexity": 150.25}]}}
     text = clm_oneshot_table.format_external_table(result)
     assert "| llmcompressor_sparsegpt | 0.50 | 150.250 |" in text and "dense model's" in text
+
+
+def test_run_clm_structured_oneshot_saves_a_smaller_model_that_reloads_with_its_perplexity(llama_dir, text_files,
+                                                                                         tmp_path):
+    output_dir = tmp_path / "structured"
+    results = run_clm.main(_argv(llama_dir, text_files, output_dir, "--method", "structured"))
+    compression = json.loads((output_dir / "all_results.json").read_text())["compression"]
+    assert compression["method"] == "structured_decoder_oneshot" and compression["removed"]
+    assert compression["remaining_ratio"] == pytest.approx(0.5, abs=0.1)
+    assert compression["model_params"] < compression["model_params_dense"]
+    assert (output_dir / "structured_pruning.json").is_file()
+    assert math.exp(_reloaded_loss(output_dir, text_files)) == pytest.approx(results["perplexity"], rel=1e-4)
+
+
+def test_run_clm_structured_oneshot_do_train_fine_tunes_the_pruned_model(llama_dir, text_files, tmp_path):
+    before = run_clm.main(_argv(llama_dir, text_files, tmp_path / "before", "--method", "structured"))
+    results = run_clm.main(_argv(llama_dir, text_files, tmp_path / "after", "--method", "structured", "--do_train",
+                                 "--num_train_epochs", "2", "--per_device_train_batch_size", "4",
+                                 "--learning_rate", "3e-3", "--eval_strategy", "steps", "--eval_steps", "8"))
+    assert "train_loss" in results and results["eval_loss"] < before["eval_loss"]
+    history = results["eval_history"]  # 33 blocks / 4 = 9 steps an epoch: steps 8, 16 and the last (18)
+    assert [entry["step"] for entry in history] == [8, 16, 18] and history[-1]["eval_loss"] < before["eval_loss"]
+    assert results["compression"]["target_params"] == before["compression"]["target_params"]  # budget kept
+    assert math.exp(_reloaded_loss(tmp_path / "after", text_files)) == pytest.approx(results["perplexity"], rel=1e-4)
+
+
+def test_run_clm_structured_on_a_decoder_needs_oneshot_one_line(llama_dir, text_files, tmp_path, capsys,
+                                                                no_model_loading):
+    argv = [a for a in _argv(llama_dir, text_files, tmp_path / "bad", "--method", "structured", "--do_train")
+            if a != "--oneshot"]
+    with pytest.raises(SystemExit):
+        run_main(run_clm.main, argv)
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: --method structured prunes a llama decoder in one shot from calibration data: add --oneshot "
+                   "(and --do_train to fine-tune the pruned model); pruning while training is for encoder models of "
+                   "type " + ", ".join(losparse.methods.structured.SUPPORTED_MODEL_TYPES))
+
+
+def test_oneshot_needs_a_dense_model_not_a_structured_one(llama_dir, text_files, tmp_path, capsys):
+    run_clm.main(_argv(llama_dir, text_files, tmp_path / "pruned", "--method", "structured"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run_main(run_clm.main, _argv(str(tmp_path / "pruned"), text_files, tmp_path / "again"))
+    assert capsys.readouterr().err.strip() == (f"error: --oneshot needs a dense model, but --model_name_or_path "
+                                               f"{str(tmp_path / 'pruned')!r} is already compressed (saved by "
+                                               "--method structured)")
+
+
+def test_structured_oneshot_refuses_an_encoder_one_line():
+    from transformers import BertConfig
+
+    from losparse.core.config import LoSparseConfig
+    from losparse.methods import get_method
+
+    with pytest.raises(losparse.LoSparseUsageError, match=r"^--oneshot --method structured: structured decoder "
+                       r"pruning supports model types llama, qwen2, mistral; got model type 'bert' \(encoders prune "
+                       r"while training: drop --oneshot\)$"):
+        get_method("structured").check_oneshot(LoSparseConfig(method="structured"), BertConfig(), None, False)
