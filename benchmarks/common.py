@@ -22,7 +22,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -747,3 +747,19 @@ def machine_line(result: dict[str, Any]) -> str:
     return (f"machine: {result['machine']}; load average (1/5/15 min) at start {result['load_at_start']}, at end "
             f"{result['load_at_end']}; {result['torch_threads']} torch threads ({result['threads_choice']}); "
             f"wall {result['wall_s']:.1f} s")
+
+
+def run_cli(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Sequence[str]] = None) -> None:
+    """A benchmark's command line: INFO logs on stdout, a usage error as one line on stderr and exit code 2."""
+    import logging
+    import sys
+
+    from losparse.core.errors import LoSparseUsageError
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO, stream=sys.stdout)
+    try:
+        main(argv)
+    except LoSparseUsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2)

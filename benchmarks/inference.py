@@ -19,8 +19,8 @@ Workloads: encoders (bert-base, deberta-v3-base): one forward of batch × seq. b
 tokens. llama-7b-layer: prefill (a forward over batch × seq, last-token logits) and batch-1 decode
 (tokens/s from generate with --max_new_tokens minus generate with 1 new token).
 
---peers adds two like-sized models to the interleaved timing (BERT-family encoders): "structured"
-(whole heads and FFN neurons removed) and "lowrank" (method lowrank, compacted), both at the compact
+--peers adds two like-sized models to the interleaved timing (BERT-family encoders, Llama-family decoders):
+"structured" (whole heads and FFN neurons removed; decoders: key/value groups and FFN neurons, FLAP-style) and "lowrank" (method lowrank, compacted), both at the compact
 model's achieved ratio (`benchmarks.peers`); each table row then also gives their latency and
 their time over the compact model's. --sweep times every --sweep_batch_sizes × --sweep_seq_lens
 shape (default 1/8/32 × 128/512; decoders: prefill and decode at each), and --plot PATH draws the
@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--peers", action="store_true",
                         help="also time a structured (heads + FFN neurons removed) and a low-rank (method lowrank) "
-                             "model of the compact model's size; BERT-family encoders only (see benchmarks.peers)")
+                             "model of the compact model's size; BERT-family encoders and Llama-family decoders (prefill and "
+                             "decode; see benchmarks.peers)")
     parser.add_argument("--sweep", action="store_true",
                         help="time every --sweep_batch_sizes x --sweep_seq_lens shape instead of --batch_size x "
                              "--seq_len (decoders: prefill and decode at each)")

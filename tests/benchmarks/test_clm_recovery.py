@@ -5,8 +5,7 @@ import math
 import os
 
 import pytest
-from test_clm_oneshot_table import _tiny_llama_dir
-from test_oneshot import _sentences
+from test_clm_oneshot_table import _tiny_llama_dir, write_corpus
 
 import losparse
 from benchmarks import clm_recovery
@@ -16,9 +15,7 @@ from losparse.core.errors import LoSparseUsageError
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("recovery-text") / "corpus.txt"
-    path.write_text("\n".join(_sentences(300, 5)) + "\n")
-    return str(path)
+    return write_corpus(tmp_path_factory.mktemp("recovery-text"), seed=5)
 
 
 def _argv(model_dir, corpus, output_dir, *extra):

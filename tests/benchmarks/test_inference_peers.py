@@ -95,7 +95,7 @@ def test_bad_peer_and_sweep_flags(tmp_path, monkeypatch, capsys):
         raise AssertionError("should have been refused before building the models")
 
     monkeypatch.setattr(inference_benchmark, "build_pair", refuse)
-    assert inference_benchmark.main(["--arch", "tiny-llama", "--device", "cpu", "--peers"]) == 2
+    assert inference_benchmark.main(["--arch", "tiny-bart", "--device", "cpu", "--peers"]) == 2
     assert "--peers" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         inference_benchmark.main(["--arch", "tiny-bert", "--device", "cpu", "--plot", str(tmp_path / "p.png")])
@@ -109,3 +109,17 @@ def test_contiguous_and_optimize_keep_the_output_check_and_are_recorded(tmp_path
     result = json.loads((tmp_path / "out.json").read_text())
     assert result["contiguous"]["contiguous_layers"] > 0  # the FFN input layers now slice
     assert sum(result["optimize"]["chosen"].values()) == 12  # every compact layer of tiny-bert got a form
+
+
+def test_a_decoder_gets_the_structured_decoder_peer_timed_in_prefill_and_decode(tmp_path):
+    argv = ["--arch", "tiny-llama", "--device", "cpu", "--remaining_ratio", "0.5", "--low_rank_ratio", "0.2",
+            "--batch_size", "2", "--seq_len", "16", "--max_new_tokens", "4", "--repeats", "1", "--warmup", "0",
+            "--threads", "1", "--peers", "--json", str(tmp_path / "out.json")]
+    assert inference_benchmark.main(argv) == 0
+    result = json.loads((tmp_path / "out.json").read_text())
+    workloads = {r["workload"] for r in result["results"]}
+    assert {"prefill", "decode"} <= workloads
+    for record in result["results"]:
+        assert record["structured_ms"] > 0 and record["lowrank_ms"] > 0
+    # one key/value group of tiny-llama: 4 matrices x 64 x 16; one FFN neuron: 3 x 64
+    assert abs(result["peers"]["structured"]["target_params_minus_compact"]) < 4 * 64 * 16

@@ -65,6 +65,7 @@ from losparse.core.config import LoSparseConfig
 from losparse.core.decompose import (
     decompose_linear,
     losparse_layers,
+    matrix_alignments,
     plan_ranks,
     require_targets,
     resolve_svd_device,
@@ -444,6 +445,8 @@ def oneshot_compress(model: nn.Module, config: LoSparseConfig, calibration_input
     run = _OneshotRun(model, config, {name: rank for (name, _), rank in zip(targets, ranks)}, kept_fraction,
                       lowrank, scores, damping, factor_cache)
     run.split = split if run.spec.has_sparse and any(ranks) else "fixed"  # auto only where both parts exist
+    run.align_of = dict(zip((name for name, _ in targets),
+                            matrix_alignments([dense_features(linear) for _, linear in targets], config)))
     reconstruct = prune and solver == "reconstruct"
     started = time.perf_counter()
     was_training = model.training
@@ -517,6 +520,7 @@ class _OneshotRun:
         self.score_of: dict[int, torch.Tensor] = {}
         self.history: list[list[float]] = []  # the reconstruct solver's objective per alternation, per solve
         self.split = "fixed"
+        self.align_of: dict[str, int] = {}  # the --align grid per target (reconstruct solver)
         # masks at once: no warmup/final phase, one `update_masks` at p_T
         self.pruner_config = dataclasses.replace(config, pruning_warmup_steps=0, pruning_final_steps=0)
 
@@ -583,7 +587,7 @@ class _OneshotRun:
         history = solve_layers(names, target_of, self._factor_of(moments),
                                lambda name, layer: set_submodule(self.model, name, layer), self.rank_of,
                                self.kept_fraction, iterations, self.spec.has_sparse, self.split,
-                               self.config.remaining_ratio)
+                               self.config.remaining_ratio, align_of=self.align_of)
         self.history.append(history)
 
     def reconstruct(self, names: dict[str, nn.Module], stats: dict[str, InputStatistics], iterations: int) -> None:

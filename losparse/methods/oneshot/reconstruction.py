@@ -35,7 +35,7 @@ alternation on target M* with C̃ from G̃ minimises the error against the dense
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -161,8 +161,10 @@ def select_rows(problems: list[RowProblem], kept_fraction: float, allocation: st
 
 
 def best_split(whitened: torch.Tensor, budget: float,
-               svd: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> tuple[int, int]:
-    """(rank k, rows n) with k·(out + in) + n·in ≤ `budget` that minimise the first selection's error estimate.
+               svd: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+               align: int = 1) -> tuple[int, int]:
+    """(rank k, rows n) with k·(out + in) + n·in ≤ `budget` that minimise the first selection's error estimate;
+    `align` N > 1 (`--align`): k and n multiples of N (n may also be every row).
 
     From one SVD T = Σ_j σ_j u_j v_jᵀ: after rank k, row i keeps the energy r_i(k) = ‖T_i‖² − Σ_{j≤k} (σ_j u_ij)²;
     keeping the n rows of largest r_i(k) in S leaves Σ r_i(k) minus their sum. Every k from 0 to the whole budget
@@ -175,14 +177,25 @@ def best_split(whitened: torch.Tensor, budget: float,
     energy = (u[:, :max_rank] * sigma[:max_rank]).square().to(torch.float64)
     residual = whitened.square().sum(dim=1, keepdim=True) - torch.cat(
         [torch.zeros_like(energy[:, :1]), torch.cumsum(energy, dim=1)], dim=1)  # (out, max_rank + 1)
-    ranks = torch.arange(max_rank + 1, device=whitened.device)
-    rows = ((budget - ranks * (out_features + in_features)) // in_features).clamp(0, out_features).long()
+    ranks = torch.arange(0, max_rank + 1, max(align, 1), device=whitened.device)
+    residual = residual[:, ranks]
+    rows = ((budget - ranks * (out_features + in_features)) // in_features).long()
+    rows = aligned_count(rows, align, out_features)
     ordered = torch.cumsum(residual.sort(dim=0, descending=True).values, dim=0)
     kept = torch.where(rows > 0, ordered.gather(0, (rows - 1).clamp_min(0).unsqueeze(0)).squeeze(0),
                        torch.zeros_like(ordered[0]))
     error = residual.sum(dim=0) - kept
     best = int(error.argmin())
-    return best, int(rows[best])
+    return int(ranks[best]), int(rows[best])
+
+
+def aligned_count(rows: Any, align: int, out_features: int) -> Any:
+    """Row counts (int or long tensor) rounded down to multiples of `align`, capped at `out_features`."""
+    if isinstance(rows, torch.Tensor):
+        rows = rows.clamp(0, out_features)
+        return rows if align <= 1 else torch.where(rows == out_features, rows, rows // align * align)
+    rows = min(max(int(rows), 0), out_features)
+    return rows if align <= 1 or rows == out_features else rows // align * align
 
 
 def alternate(problems: list[RowProblem], kept_fraction: float, iterations: int,
@@ -248,16 +261,18 @@ SPLITS = ("auto", "fixed")
 
 
 def _problem(name: str, target: torch.Tensor, factor: torch.Tensor, rank: int, kept_fraction: float,
-             split: str, remaining_ratio: Optional[float]) -> RowProblem:
-    """One matrix's problem with its rank and row budget per `split` (the ratio's share of this matrix)."""
+             split: str, remaining_ratio: Optional[float], align: int = 1) -> RowProblem:
+    """One matrix's problem with its rank and row budget per `split` (the ratio's share of this matrix), the row
+    count on the `align` grid (the rank of a fixed split already is: `plan_ranks`)."""
     out_features, in_features = target.shape
     if split == "auto" and remaining_ratio is not None:
         whitened = target.to(torch.float64) @ factor
         svd = _tall_svd(whitened)
-        rank, rows = best_split(whitened, remaining_ratio * out_features * in_features, svd)
+        rank, rows = best_split(whitened, remaining_ratio * out_features * in_features, svd, align)
         del whitened  # RowProblem computes its own; one copy alive at a time
         return RowProblem(name, target, factor, rank, rows, initial_svd=svd)
-    return RowProblem(name, target, factor, rank, int(kept_fraction * out_features + 1e-9))
+    return RowProblem(name, target, factor, rank, aligned_count(int(kept_fraction * out_features + 1e-9), align,
+                                                                out_features))
 
 
 def _summed(histories: list[list[float]]) -> list[float]:
@@ -269,20 +284,22 @@ def _summed(histories: list[list[float]]) -> list[float]:
 def solve_layers(linears: dict[str, torch.nn.Module], target_of: Callable[[str], torch.Tensor],
                  factor_of: Callable[[str], Optional[torch.Tensor]], place: Callable[[str, torch.nn.Module], None],
                  rank_of: dict[str, int], kept_fraction: float, iterations: int, has_sparse: bool,
-                 split: str = "auto", remaining_ratio: Optional[float] = None, allocation: str = "layer") -> list[float]:
+                 split: str = "auto", remaining_ratio: Optional[float] = None, allocation: str = "layer",
+                 align_of: Optional[dict[str, int]] = None) -> list[float]:
     """Solve the problems of `linears` and `place(name, layer)` each finished LoSparseLinear; returns the objective
     history (summed over the matrices). `target_of(name)` / `factor_of(name)` give a matrix's target M (out, in) and
     whitening C (in, in; None: the identity, a layer that saw no calibration input) when its turn comes, so with
     the per-matrix ("layer") allocation only one problem's float64 buffers are alive at a time; "global" needs
     them all at once. `split` "auto" (with `remaining_ratio`) picks each matrix's rank and rows; "fixed" uses
-    `rank_of` and `kept_fraction` of each matrix's rows (or, "global", of all rows' parameters together)."""
+    `rank_of` and `kept_fraction` of each matrix's rows (or, "global", of all rows' parameters together).
+    `align_of[name]` (per-matrix allocation): ranks and row counts on that matrix's `--align` grid."""
     def problem(name: str) -> RowProblem:
         target = target_of(name).detach()  # kept in its dtype: the float64 work copies are the problem's own
         factor = factor_of(name)
         if factor is None:
             factor = torch.eye(target.shape[1], dtype=torch.float64, device=target.device)
         return _problem(name, target, factor.to(target.device), rank_of[name], kept_fraction,
-                        split if has_sparse else "fixed", remaining_ratio)
+                        split if has_sparse else "fixed", remaining_ratio, (align_of or {}).get(name, 1))
 
     if has_sparse and allocation == "global":
         problems = [problem(name) for name in linears]

@@ -168,17 +168,23 @@ def test_bad_solver_and_column_pruning_are_refused_in_one_line():
     assert not any(isinstance(m, LoSparseLinear) for m in dense.modules())
 
 
+def _split_estimates(whitened, budget, align):
+    """{(rank, rows): the first selection's error estimate} for every split on the `align` grid, by brute force."""
+    out_features, in_features = whitened.shape
+    u, sigma, vh = torch.linalg.svd(whitened, full_matrices=False)
+    estimates = {}
+    for rank in range(0, int(budget // (out_features + in_features)) + 1, align):
+        residual = (whitened - (u[:, :rank] * sigma[:rank]) @ vh[:rank]).square().sum(dim=1)
+        rows = min(int((budget - rank * (out_features + in_features)) // in_features) // align * align, out_features)
+        estimates[(rank, rows)] = float(residual.sum() - residual.sort(descending=True).values[:rows].sum())
+    return estimates
+
+
 def test_best_split_is_the_brute_force_minimum_of_the_estimate():
     _, weight, problem = _problem(out=16, inp=12, tokens=60, seed=4)
     whitened = problem.whitened
     budget = 0.5 * 16 * 12
-    u, sigma, _ = torch.linalg.svd(whitened, full_matrices=False)
-    estimates = {}
-    for rank in range(int(budget // 28) + 1):
-        approx = (u[:, :rank] * sigma[:rank]) @ torch.linalg.svd(whitened, full_matrices=False)[2][:rank]
-        residual = (whitened - approx).square().sum(dim=1)
-        rows = int((budget - rank * 28) // 12)
-        estimates[(rank, rows)] = float(residual.sum() - residual.sort(descending=True).values[:rows].sum())
+    estimates = _split_estimates(whitened, budget, align=1)
     chosen = rec.best_split(whitened, budget)
     assert chosen in estimates
     assert estimates[chosen] == pytest.approx(min(estimates.values()), rel=1e-5)
@@ -203,3 +209,14 @@ def test_the_automatic_split_is_never_worse_than_whitened_truncation_alone():
         assert solved <= truncation * (1 + 1e-4) + 1e-9, name
         assert layer.current_rank * (out_features + in_features) + int(layer.sparse_mask.sum()) * in_features \
             <= 0.5 * out_features * in_features
+
+
+def test_best_split_on_an_align_grid_is_the_brute_force_minimum_over_that_grid():
+    _, _, problem = _problem(out=40, inp=24, tokens=80, seed=6)
+    whitened = problem.whitened
+    budget = 0.6 * 40 * 24
+    estimates = _split_estimates(whitened, budget, align=4)
+    chosen = rec.best_split(whitened, budget, align=4)
+    assert chosen in estimates and chosen[0] % 4 == 0 and chosen[1] % 4 == 0
+    assert estimates[chosen] == pytest.approx(min(estimates.values()), rel=1e-5)
+    assert rec.aligned_count(39, 4, 40) == 36 and rec.aligned_count(40, 4, 40) == 40 and rec.aligned_count(7, 1, 40) == 7
