@@ -17,9 +17,11 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -29,6 +31,7 @@ from torch import nn
 
 from losparse.core.config import LoSparseConfig
 from losparse.core.decompose import apply
+from losparse.core.errors import LoSparseUsageError
 from losparse.core.families import get_family
 from losparse.core.layers import CompactLoSparseLinear, LoSparseLinear
 from losparse.core.pruner import LoSparsePruner
@@ -751,11 +754,6 @@ def machine_line(result: dict[str, Any]) -> str:
 
 def run_cli(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Sequence[str]] = None) -> None:
     """A benchmark's command line: INFO logs on stdout, a usage error as one line on stderr and exit code 2."""
-    import logging
-    import sys
-
-    from losparse.core.errors import LoSparseUsageError
-
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO, stream=sys.stdout)
     try:

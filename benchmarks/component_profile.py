@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def peer_archs() -> list[str]:
-    """The built-in architectures the four models can be built for (the structured peer needs a BERT-family encoder)."""
+    """The built-in architectures the four models can be built for (those `check_peers_supported` accepts)."""
     supported = []
     for name, spec in sorted(ARCHS.items()):
         try:

@@ -218,16 +218,21 @@ def alternate(problems: list[RowProblem], kept_fraction: float, iterations: int,
 
 def compensated_target(weight: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor,
                        damping: float = 0.01) -> torch.Tensor:
-    """M* = W·Hᵀ·(G̃ + λ·mean(diag G̃)·I)⁻¹ (out, in) float64: the matrix that, fed the compressed inputs X̃,
-    best reproduces the dense outputs X·Wᵀ. `cross` H = X̃ᵀX, `gram` G̃ = X̃ᵀX̃ (in, in), same token count."""
+    """M* = W·(Hᵀ + μI)·(G̃ + μI)⁻¹, μ = λ·mean(diag G̃) (out, in) float64: the matrix that, fed the compressed
+    inputs X̃, best reproduces the dense outputs X·Wᵀ, with a ridge μ‖M − W‖² towards W. `cross` H = X̃ᵀX, `gram`
+    G̃ = X̃ᵀX̃ (in, in), same token count.
+
+    Why towards W and not towards 0 (plain W·Hᵀ·(G̃ + μI)⁻¹): with outlier input channels mean(diag G̃) is far
+    above most channels' variance, and a ridge towards 0 shrinks W in all of them, even in the first block where
+    the streams are equal (X̃ = X) and there is nothing to compensate. Towards W, equal streams give M* = W
+    exactly, and a large λ means no update rather than a zero matrix (docs/llm.md, the `svd_llm` row)."""
     gram = gram.to(torch.float64)
     scale = float(gram.diagonal().mean())
     if not scale > 0.0:
         return weight.to(torch.float64)
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    damped = gram + max(damping, 1e-8) * scale * eye
-    # M*·G̃ = W·Hᵀ  <=>  G̃·M*ᵀ = H·Wᵀ (G̃ symmetric)
-    return torch.linalg.solve(damped, cross.to(torch.float64) @ weight.to(torch.float64).T).T
+    ridge = max(damping, 1e-8) * scale * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    # M*·(G̃ + μI) = W·(Hᵀ + μI)  <=>  (G̃ + μI)·M*ᵀ = (H + μI)·Wᵀ (G̃ symmetric)
+    return torch.linalg.solve(gram + ridge, (cross.to(torch.float64) + ridge) @ weight.to(torch.float64).T).T
 
 
 def exact_row_error(target: torch.Tensor, factor: torch.Tensor, u: torch.Tensor, v: torch.Tensor,

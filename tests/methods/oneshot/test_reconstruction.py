@@ -75,6 +75,18 @@ def test_the_compensated_target_fits_the_dense_outputs_from_the_compressed_input
         assert error(target + 0.01 * torch.randn(6, 8, generator=generator, dtype=torch.float64)) > error(target)
 
 
+def test_the_compensation_ridge_pulls_towards_the_dense_weight_not_towards_zero():
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(300, 8, generator=generator, dtype=torch.float64)
+    x[:, 0] *= 100.0  # an outlier channel: mean(diag G) far above the others' variance
+    weight = torch.randn(6, 8, generator=generator, dtype=torch.float64)
+    same = rec.compensated_target(weight, x.T @ x, x.T @ x, damping=0.01)
+    assert torch.allclose(same, weight, atol=1e-10)  # equal streams: nothing to compensate
+    x_tilde = x + 0.3 * torch.randn(300, 8, generator=generator, dtype=torch.float64)
+    assert torch.allclose(rec.compensated_target(weight, x_tilde.T @ x, x_tilde.T @ x_tilde, damping=1e6), weight,
+                          atol=1e-3)  # a huge ridge: no update
+
+
 def _calibration_error(model, dense, ids):
     """Σ over LoSparse layers of ‖X (W − W_eff)ᵀ‖² / ‖X Wᵀ‖², X the layer inputs of the dense model on `ids`
     (each layer's error relative to its output energy: the solver's objective, measured from scratch)."""
