@@ -237,17 +237,18 @@ def format_table(result: dict[str, Any]) -> str:
 def format_cost_table(result: dict[str, Any]) -> str:
     """Bytes on disk and decode latency per cell, each beside the dense model's (same process, interleaved)."""
     batches = result.get("decode_batch_sizes") or []
-    header = "| row | ratio | storage | MB on disk | " + " | ".join(f"decode b{b} ms/token (dense)" for b in batches)
+    columns = ["row", "ratio", "storage", "MB on disk"] + [f"decode b{b} ms/token (dense)" for b in batches]
     lines = [f"Size and decode latency (dense: {result['dense']['mb']:.1f} MB on disk; greedy, "
              f"{result.get('decode_new_tokens', 0)} new tokens after a 32-token prompt, eager, "
-             f"{result.get('threads')} threads)", "", header + " |", "|---|---|---|---|" + "---|" * len(batches)]
+             f"{result.get('threads')} threads)", "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for c in result["cells"]:
         timings = []
         for b in batches:
             d = c["decode"].get(str(b), {})
             flag = "" if d.get("reliable", True) else " ⚠"
             timings.append(f"{d['ms']:.1f} ({d['dense_ms']:.1f}){flag}" if d else "")
-        lines.append(f"| {c['row']} | {c['ratio']:g} | {c['storage']} | {c['mb']:.1f} | " + " | ".join(timings) + " |")
+        cells = [c["row"], f"{c['ratio']:g}", c["storage"], f"{c['mb']:.1f}"] + timings
+        lines.append("| " + " | ".join(cells) + " |")
     warnings = sorted({d["warning"] for c in result["cells"] for d in c["decode"].values() if d.get("warning")})
     return "\n".join(lines + [f"⚠ {w}" for w in warnings]) + "\n"
 

@@ -95,3 +95,13 @@ def test_the_scripts_dry_run_prints_their_command(script, module, env, extra):
                          env={**os.environ, "DRY_RUN": "1", "OUTPUT_DIR": "out/x", **env},
                          capture_output=True, text=True, check=True).stdout
     assert out.split()[1:] == ["-m", module, "--output_dir", "out/x", *extra, "--seed", "1"]
+
+
+@pytest.mark.parametrize("batches", [[], [1, 8]])
+def test_the_cost_table_has_as_many_cells_per_line_as_columns(batches):
+    decode = {str(b): {"ms": 2.0, "dense_ms": 3.0, "reliable": True} for b in batches}
+    result = {"dense": {"mb": 10.0}, "decode_batch_sizes": batches, "decode_new_tokens": 4, "threads": 1,
+              "cells": [{"row": "lowrank", "ratio": 0.5, "storage": "compact", "mb": 5.0, "decode": decode}]}
+    rows = [line for line in clm_oneshot_table.format_cost_table(result).splitlines() if line.startswith("|")]
+    assert len(rows) == 3
+    assert {line.count("|") for line in rows} == {5 + len(batches)}
