@@ -160,7 +160,8 @@ def test_sites_and_components_by_name():
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--arch", "no-such-arch"], "--arch 'no-such-arch' is not one of bert-base, llama-7b-layer, tiny-bert, tiny-llama"),
+    (["--arch", "no-such-arch"],
+     "--arch 'no-such-arch' is not one of bert-base, llama-7b-layer, tiny-bert, tiny-llama"),
     (["--arch", "tiny-bart"], "structured peer cannot be built"),
     (["--arch", "tiny-bert", "--remaining_ratio", "0"], "--remaining_ratio 0 must be in (0, 1]"),
     (["--arch", "tiny-bert", "--remaining_ratio", "1.5"], "--remaining_ratio 1.5 must be in (0, 1]"),
