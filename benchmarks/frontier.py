@@ -490,35 +490,28 @@ def _signed(value: float, decimals: int, unit: str) -> str:
 
 
 def frontier_lines(points: Sequence[Point], metric: str, eval_examples: Optional[int] = None,
-                   latency_spread: Optional[float] = None) -> list[str]:
+                   latency_spread: Optional[float] = None, chance: Optional[float] = None) -> list[str]:
     """The Pareto frontier (more `metric`, less latency) in words, and where every LoSparse point stands.
 
     `eval_examples` (evaluation set size) adds the binomial noise of one run's metric; `latency_spread`
     (the largest IQR/median of the timed repeats) the resolution of the latencies. Domination itself is
-    strict (any margin counts): read it together with those two lines.
+    strict (any margin counts): read it together with those two lines. `chance` (the metric of a constant
+    predictor, e.g. the majority class's share) takes the points within one standard error of it out of the
+    frontier and the verdicts: a model at chance is fast, not useful, and would otherwise sit on the front.
     """
     if not points:
         return []
+    error = _binomial_error(points, eval_examples) if eval_examples else None
+    lines, points = _chance_lines(points, chance, error or 0.0, metric)
+    if not points:
+        return lines
     ordered = sorted(points, key=lambda p: (p.latency_ms, -p.value))
     front = [p for p in ordered if not any(q.dominates(p) for q in points)]
-    lines = ["Pareto frontier (no other point is at least as accurate and as fast): "
-             + ", ".join(f"{p.name} ({p.value:.2f}, {p.latency_ms:.2f} ms)" for p in front) + "."]
-    for p in sorted((p for p in points if p.contains_losparse), key=lambda p: -(p.ratio or 0.0)):
-        beaten_by = [q for q in points if q.dominates(p)]
-        beats = [q.name for q in points if p.dominates(q)]
-        if beaten_by:
-            best = max(beaten_by, key=lambda q: (q.value - p.value, p.latency_ms - q.latency_ms))
-            text = (f"{p.name}: dominated by {best.name} ({_signed(best.value - p.value, 2, ' points')}, "
-                    f"{_signed(best.latency_ms - p.latency_ms, 2, ' ms')})")
-        else:
-            text = f"{p.name}: on the frontier"
-        if beats:
-            text += f"; it dominates {', '.join(beats)}"
-        lines.append(text + ".")
-    if eval_examples:
-        dense = next((p for p in points if p.method == "finetune"), None)
-        share = (dense.value if dense else statistics.fmean(p.value for p in points)) / 100.0
-        error = 100.0 * math.sqrt(max(share * (1.0 - share), 1e-12) / eval_examples)
+    lines.insert(0, "Pareto frontier (no other point is at least as accurate and as fast): "
+                 + ", ".join(f"{p.name} ({p.value:.2f}, {p.latency_ms:.2f} ms)" for p in front) + ".")
+    lines += [_domination_line(p, points) for p in sorted((p for p in points if p.contains_losparse),
+                                                          key=lambda p: -(p.ratio or 0.0))]
+    if error is not None:
         lines.append(f"Noise: one run per point on {eval_examples} evaluation examples; the binomial standard error of "
                      f"{metric} is about {error:.1f} points, so differences under ~{2 * math.sqrt(2) * error:.1f} "
                      "points between two points are not resolved.")
@@ -527,6 +520,42 @@ def frontier_lines(points: Sequence[Point], metric: str, eval_examples: Optional
         lines.append(f"Latency: the repeats' interquartile range is up to {100 * latency_spread:.0f}% of their median; "
                      "closer latencies are not resolved.")
     return lines
+
+
+def _binomial_error(points: Sequence[Point], eval_examples: int) -> float:
+    """One run's binomial standard error in points, at the dense model's accuracy (else the points' mean)."""
+    dense = next((p for p in points if p.method == "finetune"), None)
+    share = (dense.value if dense else statistics.fmean(p.value for p in points)) / 100.0
+    return 100.0 * math.sqrt(max(share * (1.0 - share), 1e-12) / eval_examples)
+
+
+def _chance_lines(points: Sequence[Point], chance: Optional[float], error: float,
+                  metric: str) -> tuple[list[str], list[Point]]:
+    """The line naming the points at chance (metric <= chance + one standard error), and the other points."""
+    if chance is None:
+        return [], list(points)
+    at_chance = [p for p in points if p.value <= chance + error]
+    if not at_chance:
+        return [], list(points)
+    names = ", ".join(f"{p.name} ({p.value:.2f})" for p in sorted(at_chance, key=lambda p: p.name))
+    line = (f"At chance ({metric} <= {chance:.2f}, a constant predictor's, + one standard error; left out of the "
+            f"frontier and the verdicts): {names}.")
+    return [line], [p for p in points if p not in at_chance]
+
+
+def _domination_line(p: Point, points: Sequence[Point]) -> str:
+    """Whether any point dominates `p` (the one with the largest margin is named) and which points `p` dominates."""
+    beaten_by = [q for q in points if q.dominates(p)]
+    beats = [q.name for q in points if p.dominates(q)]
+    if beaten_by:
+        best = max(beaten_by, key=lambda q: (q.value - p.value, p.latency_ms - q.latency_ms))
+        text = (f"{p.name}: dominated by {best.name} ({_signed(best.value - p.value, 2, ' points')}, "
+                f"{_signed(best.latency_ms - p.latency_ms, 2, ' ms')})")
+    else:
+        text = f"{p.name}: on the frontier"
+    if beats:
+        text += f"; it dominates {', '.join(beats)}"
+    return text + "."
 
 
 def evaluation_examples(cell: Cell) -> Optional[int]:
@@ -592,7 +621,8 @@ def render_markdown(entries: Sequence[Timed], verdict: Any, env: dict[str, Any],
                   _markdown_table(header, rows), ""]
         spreads = [v for k, v in (verdict.spreads or {}).items()
                    if v is not None and any(k == e.name for e in group_entries if e.variant == "plain")]
-        parts += frontier_lines(group_points(point_rows), metric, examples, max(spreads) if spreads else None) + [""]
+        parts += frontier_lines(group_points(point_rows), metric, examples, max(spreads) if spreads else None,
+                                settings.get("chance_accuracy")) + [""]
     machine = env["machine"]
     parts += [timing_line(verdict),
               f"machine: {machine['cpu_model']} ({machine['processor'] or machine['platform']}), "
@@ -625,6 +655,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "form measured on the batch first); reported beside the plain time")
     parser.add_argument("--json", metavar="OUT.json", help="write every cell's latency record to this file")
     parser.add_argument("--markdown", metavar="OUT.md", help="write the tables to this Markdown file")
+    parser.add_argument("--chance_accuracy", type=float, metavar="PCT",
+                        help="the metric (in %%) of a constant predictor, e.g. the majority class's share of the "
+                             "evaluation set: points within one standard error of it are named as at chance and "
+                             "left out of the frontier (scripts/frontier_minilm.sh passes it)")
     parser.add_argument("--plot", metavar="OUT.png",
                         help="draw accuracy vs latency here (one file per (model, task): -<model>-<task> is added "
                              "to the name when there are several)")
@@ -645,6 +679,8 @@ def check_options(args: argparse.Namespace) -> None:
             re.compile(args.only)
         except re.error as exc:
             raise LoSparseUsageError(f"--only {args.only!r} is not a regular expression: {exc}") from None
+    if args.chance_accuracy is not None and not 0.0 <= args.chance_accuracy <= 100.0:
+        raise LoSparseUsageError(f"--chance_accuracy {args.chance_accuracy:g}: must be a percentage in [0, 100]")
     if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
         raise LoSparseUsageError(f"--device {args.device!r}: use cpu or cuda[:N]")
     if args.device.startswith("cuda"):
@@ -677,7 +713,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     verdict = time_all(entries, models, inputs, args.warmup, args.repeats, args.max_seconds)
     env = environment(device)
     settings = {"batch_size": args.batch_size, "seq_len": args.seq_len, "warmup": args.warmup,
-                "tokens_per_forward": args.batch_size * args.seq_len}
+                "tokens_per_forward": args.batch_size * args.seq_len, "chance_accuracy": args.chance_accuracy}
     bodies = latency_records(entries, verdict, env, settings, ["python", "-m", "benchmarks.frontier", *argv])
     for path, body in bodies.items():
         print(f"wrote {write_latency(path, body)}", file=sys.stderr)
@@ -690,7 +726,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     plots: list[str] = []
     if args.plot:
         plots = write_frontier_plots([c.record for c in cells], os.path.dirname(os.path.abspath(args.plot)),
-                                     file_name=os.path.basename(args.plot))
+                                     file_name=os.path.basename(args.plot), chance=args.chance_accuracy)
         for plot in plots:
             print(f"wrote {plot}", file=sys.stderr)
     if args.markdown:

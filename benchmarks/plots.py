@@ -121,7 +121,8 @@ FRONTIER_MARKERS = {"finetune": "*", "losparse": "o", "itp": "s", "structured": 
 
 
 def plot_accuracy_vs_latency(points: Sequence[Mapping[str, Any]], path: str, metric: str = "accuracy",
-                             title: Optional[str] = None, subtitle: Optional[str] = None) -> str:
+                             title: Optional[str] = None, subtitle: Optional[str] = None,
+                             chance: Optional[float] = None) -> str:
     """Accuracy (y, %) vs forward latency (x, ms): one marker style per method, each point labelled by its ratio.
 
     `points`: dicts with method, ratio (requested remaining ratio), value (the metric in percent), latency_ms
@@ -129,6 +130,7 @@ def plot_accuracy_vs_latency(points: Sequence[Mapping[str, Any]], path: str, met
     std on both axes; a method's points are joined in ratio order. The dense fine-tuned model (method
     finetune) is a black star with dashed guides at its accuracy and latency: a point up and to the left of
     both guides beats it on both. The x axis starts at 0, so horizontal distances read as speed-ups.
+    `chance` (a constant predictor's metric, %) is a dotted red line: points on it are collapsed models.
     """
     groups: dict[tuple, dict[Optional[float], list[Mapping[str, Any]]]] = {}
     for point in points:
@@ -163,6 +165,8 @@ def plot_accuracy_vs_latency(points: Sequence[Mapping[str, Any]], path: str, met
             if ratio is not None:
                 ax.annotate(f"{ratio * 100:g}%", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=7,
                             color=color)
+    if chance is not None:
+        ax.axhline(chance, color="tab:red", linestyle=":", linewidth=1.0, label=f"chance ({chance:g} %)")
     ax.set_xlim(left=0)
     ax.set_xlabel("latency per forward (ms, median)")
     ax.set_ylabel(f"{metric} (%)")
@@ -494,7 +498,7 @@ def frontier_groups(records: Sequence[Mapping[str, Any]]) -> "OrderedDict[tuple,
 
 
 def write_frontier_plots(records: Sequence[Mapping[str, Any]], out_dir: str,
-                         file_name: Optional[str] = None) -> list[str]:
+                         file_name: Optional[str] = None, chance: Optional[float] = None) -> list[str]:
     """One accuracy-vs-latency PNG per (model, task, timing setting) among the runs with a latency.json.
 
     Files are `frontier-<model>-<task>-b<batch>-s<seq>-t<threads>.png`; with `file_name` (frontier.py's
@@ -521,7 +525,7 @@ def write_frontier_plots(records: Sequence[Mapping[str, Any]], out_dir: str,
         title = f"{model or 'model'} · {task or 'local data'}: {metric} vs latency"
         paths.append(plot_accuracy_vs_latency([{**p, "value": p["metrics"].get(metric)} for p in points],
                                               os.path.join(out_dir, name), metric=metric, title=title,
-                                              subtitle=subtitle))
+                                              subtitle=subtitle, chance=chance))
     return paths
 
 

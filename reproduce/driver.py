@@ -39,7 +39,9 @@ scripts' own resolver, `losparse.cli.yaml_config`, which like this module import
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime as _dt
+import json
 import math
 import os
 import re
@@ -837,6 +839,24 @@ def teacher_dirs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> d
     return found
 
 
+def majority_share(path: str) -> Optional[float]:
+    """The most frequent `label`'s share of a CSV or JSON-lines file: a constant predictor's accuracy.
+
+    None when the file cannot be read or has no label column (regression, another column name)."""
+    try:
+        with open(path, newline="") as f:
+            if path.endswith(".csv"):
+                labels = [row.get("label") for row in csv.DictReader(f)]
+            else:
+                labels = [json.loads(line).get("label") for line in f if line.strip()]
+    except (OSError, ValueError, AttributeError):
+        return None
+    labels = [label for label in labels if label not in (None, "")]
+    if not labels:
+        return None
+    return max(labels.count(label) for label in set(labels)) / len(labels)
+
+
 def report_command(table: str, cells: Sequence[Cell], opts: Options) -> str:
     """The reproduce.report call for this table: its own dir plus the dirs of the tables whose cells it reuses."""
     tables = [table] + sorted({c.table for c in cells} - {table})
@@ -848,6 +868,8 @@ def report_command(table: str, cells: Sequence[Cell], opts: Options) -> str:
         root = os.path.join(opts.output_root, table)
         timing = ["python", "-m", "benchmarks.frontier", root, "--markdown", os.path.join(root, "frontier.md"),
                   "--json", os.path.join(root, "frontier.json"), "--plot", os.path.join(root, "frontier.png")]
+        chance = majority_share(opts.validation_file) if opts.validation_file else None
+        timing += ["--chance_accuracy", f"{100 * chance:.2f}"] if chance is not None else []
         return f"{shlex.join(timing)} && {shlex.join(argv)}"
     return shlex.join(argv)
 

@@ -183,6 +183,43 @@ def test_frontier_lines_name_the_pareto_set_and_the_margins():
     assert Point("a", 0.2, 1.0, 1.0).dominates(Point("b", 0.2, 1.0, 1.0)) is False  # a tie dominates nothing
 
 
+def test_points_at_chance_are_named_and_left_out_of_the_frontier():
+    points = group_points([
+        {"method": "finetune", "ratio": 1.0, "value": 82.0, "latency_ms": 270.0},
+        {"method": "structured", "ratio": 0.1, "value": 77.0, "latency_ms": 34.0},
+        {"method": "cofi_losparse", "ratio": 0.1, "value": 50.4, "latency_ms": 28.0},  # fastest, but at chance
+        {"method": "losparse", "ratio": 0.1, "value": 51.5, "latency_ms": 76.0},  # within 1 s.e. (1.21) of 50.4
+    ])
+    without = frontier_lines(points, "accuracy", eval_examples=1000)
+    assert "CoFi" in without[0] and any(line.startswith("CoFi + LoSparse 10% (1 run): no point") for line in without)
+    lines = frontier_lines(points, "accuracy", eval_examples=1000, chance=50.4)
+    assert lines[0].startswith("Pareto frontier") and "CoFi" not in lines[0] and "LoSparse 10%" not in lines[0]
+    at_chance = [line for line in lines if line.startswith("At chance")]
+    assert at_chance == ["At chance (accuracy <= 50.40, a constant predictor's, + one standard error; left out of the "
+                         "frontier and the verdicts): CoFi + LoSparse 10% (50.40), LoSparse 10% (51.50)."]
+    assert not any(line.startswith(("CoFi + LoSparse 10%", "LoSparse 10%")) for line in lines)
+    only_chance = frontier_lines(points[2:], "accuracy", chance=60.0)
+    assert len(only_chance) == 1 and only_chance[0].startswith("At chance")
+
+
+def test_majority_share_is_a_constant_predictors_accuracy(tmp_path):
+    from reproduce.driver import majority_share
+
+    (tmp_path / "v.csv").write_text("sentence,label\na,1\nb,0\nc,1\nd,1\n")
+    (tmp_path / "v.json").write_text("\n".join(json.dumps({"text": t, "label": lab}) for t, lab in
+                                               (("a", "pos"), ("b", "neg"), ("c", "neg"))) + "\n")
+    (tmp_path / "r.csv").write_text("sentence,score\na,0.5\n")
+    assert majority_share(str(tmp_path / "v.csv")) == 0.75
+    assert majority_share(str(tmp_path / "v.json")) == pytest.approx(2 / 3)
+    assert majority_share(str(tmp_path / "r.csv")) is None
+    assert majority_share(str(tmp_path / "missing.csv")) is None
+    from reproduce.driver import Options, report_command
+
+    opts = Options(output_root=str(tmp_path), seeds=[42], validation_file=str(tmp_path / "v.csv"))
+    assert "--chance_accuracy 75.00 &&" in report_command("frontier", [], opts)
+    assert "--chance_accuracy" not in report_command("frontier", [], Options(output_root=str(tmp_path), seeds=[42]))
+
+
 def test_plot_accuracy_vs_latency_draws_synthetic_points(tmp_path):
     from benchmarks.plots import plot_accuracy_vs_latency
 
@@ -191,6 +228,8 @@ def test_plot_accuracy_vs_latency_draws_synthetic_points(tmp_path):
         ("itp", 0.2, 87.0, 8.0), ("structured", 0.2, 86.0, 5.0), ("lowrank", 0.2, 80.0, 6.5))]
     path = plot_accuracy_vs_latency(points, str(tmp_path / "p.png"), subtitle="batch 8 × 128")
     assert Path(path).read_bytes()[:8] == PNG_MAGIC
+    with_chance = plot_accuracy_vs_latency(points, str(tmp_path / "c.png"), subtitle="batch 8 × 128", chance=50.4)
+    assert Path(with_chance).read_bytes() != Path(path).read_bytes()  # the chance line is drawn
     empty = plot_accuracy_vs_latency([], str(tmp_path / "empty.png"))
     assert Path(empty).stat().st_size > 0
 
@@ -210,6 +249,7 @@ def no_loading(monkeypatch):
     (["--device", "tpu"], "--device 'tpu': use cpu or cuda[:N]"),
     (["--only", "("], "--only '(' is not a regular expression"),
     (["--only", "no-such-cell"], "no run with all_results.json and a saved model"),
+    (["--chance_accuracy", "150"], "--chance_accuracy 150: must be a percentage in [0, 100]"),
 ])
 def test_usage_errors_are_one_line_before_loading(roots, capsys, no_loading, extra, fragment):
     assert frontier.main([str(roots["a"]), *extra]) == 2
