@@ -583,8 +583,11 @@ def _ratio_text(record: Mapping[str, Any]) -> str:
     return f"{requested} / {achieved:.4f}" if achieved is not None else f"{requested} / ?"
 
 
-def render_markdown(entries: Sequence[Timed], verdict: Any, env: dict[str, Any], settings: dict[str, Any]) -> str:
-    """One Markdown table per (model, task), the frontier in words, the timing verdict and the machine."""
+def render_markdown(entries: Sequence[Timed], verdict: Any, env: dict[str, Any], settings: dict[str, Any],
+                    chance: Optional[float] = None) -> str:
+    """One Markdown table per (model, task), the frontier in words, the timing verdict and the machine.
+
+    `chance`: a constant predictor's metric (%), see `frontier_lines`."""
     groups: dict[tuple, list[Timed]] = {}
     for entry in entries:
         groups.setdefault(entry.cell.group, []).append(entry)
@@ -622,7 +625,7 @@ def render_markdown(entries: Sequence[Timed], verdict: Any, env: dict[str, Any],
         spreads = [v for k, v in (verdict.spreads or {}).items()
                    if v is not None and any(k == e.name for e in group_entries if e.variant == "plain")]
         parts += frontier_lines(group_points(point_rows), metric, examples, max(spreads) if spreads else None,
-                                settings.get("chance_accuracy")) + [""]
+                                chance) + [""]
     machine = env["machine"]
     parts += [timing_line(verdict),
               f"machine: {machine['cpu_model']} ({machine['processor'] or machine['platform']}), "
@@ -658,7 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chance_accuracy", type=float, metavar="PCT",
                         help="the metric (in %%) of a constant predictor, e.g. the majority class's share of the "
                              "evaluation set: points within one standard error of it are named as at chance and "
-                             "left out of the frontier (scripts/frontier_minilm.sh passes it)")
+                             "left out of the frontier (the summarize command scripts/frontier_minilm.sh prints passes it)")
     parser.add_argument("--plot", metavar="OUT.png",
                         help="draw accuracy vs latency here (one file per (model, task): -<model>-<task> is added "
                              "to the name when there are several)")
@@ -713,11 +716,11 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     verdict = time_all(entries, models, inputs, args.warmup, args.repeats, args.max_seconds)
     env = environment(device)
     settings = {"batch_size": args.batch_size, "seq_len": args.seq_len, "warmup": args.warmup,
-                "tokens_per_forward": args.batch_size * args.seq_len, "chance_accuracy": args.chance_accuracy}
+                "tokens_per_forward": args.batch_size * args.seq_len}
     bodies = latency_records(entries, verdict, env, settings, ["python", "-m", "benchmarks.frontier", *argv])
     for path, body in bodies.items():
         print(f"wrote {write_latency(path, body)}", file=sys.stderr)
-    text = render_markdown(entries, verdict, env, settings)
+    text = render_markdown(entries, verdict, env, settings, args.chance_accuracy)
     print(text)
     if args.json:
 

@@ -156,6 +156,16 @@ def test_report_plots_the_frontier_from_latency_json_without_timing(timed, roots
     assert not list((tmp_path / "bare-plots").glob("frontier-*.png"))
 
 
+def test_chance_accuracy_reaches_the_markdown(timed, roots, capsys):
+    """Every tiny model is at or below 100 %: all are named at chance and none is left for a frontier."""
+    argv = [str(roots["a"]), "--batch_size", "2", "--seq_len", "8", "--repeats", "1", "--warmup", "0",
+            "--chance_accuracy", "100"]
+    assert frontier.main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert re.search(r"^At chance \(accuracy <= 100\.00, .*Fine-tune \(dense\)", stdout, re.M)
+    assert "Pareto frontier" not in stdout
+
+
 def test_frontier_lines_name_the_pareto_set_and_the_margins():
     points = group_points([
         {"method": "finetune", "ratio": 1.0, "value": 90.0, "latency_ms": 10.0},
@@ -203,21 +213,18 @@ def test_points_at_chance_are_named_and_left_out_of_the_frontier():
 
 
 def test_majority_share_is_a_constant_predictors_accuracy(tmp_path):
-    from reproduce.driver import majority_share
-
     (tmp_path / "v.csv").write_text("sentence,label\na,1\nb,0\nc,1\nd,1\n")
     (tmp_path / "v.json").write_text("\n".join(json.dumps({"text": t, "label": lab}) for t, lab in
                                                (("a", "pos"), ("b", "neg"), ("c", "neg"))) + "\n")
     (tmp_path / "r.csv").write_text("sentence,score\na,0.5\n")
-    assert majority_share(str(tmp_path / "v.csv")) == 0.75
-    assert majority_share(str(tmp_path / "v.json")) == pytest.approx(2 / 3)
-    assert majority_share(str(tmp_path / "r.csv")) is None
-    assert majority_share(str(tmp_path / "missing.csv")) is None
-    from reproduce.driver import Options, report_command
-
-    opts = Options(output_root=str(tmp_path), seeds=[42], validation_file=str(tmp_path / "v.csv"))
-    assert "--chance_accuracy 75.00 &&" in report_command("frontier", [], opts)
-    assert "--chance_accuracy" not in report_command("frontier", [], Options(output_root=str(tmp_path), seeds=[42]))
+    assert reproduce.majority_share(str(tmp_path / "v.csv")) == 0.75
+    assert reproduce.majority_share(str(tmp_path / "v.json")) == pytest.approx(2 / 3)
+    assert reproduce.majority_share(str(tmp_path / "r.csv")) is None
+    assert reproduce.majority_share(str(tmp_path / "missing.csv")) is None
+    opts = reproduce.Options(output_root=str(tmp_path), seeds=[42], validation_file=str(tmp_path / "v.csv"))
+    assert "--chance_accuracy 75.00 &&" in reproduce.report_command("frontier", [], opts)
+    no_file = reproduce.Options(output_root=str(tmp_path), seeds=[42])
+    assert "--chance_accuracy" not in reproduce.report_command("frontier", [], no_file)
 
 
 def test_plot_accuracy_vs_latency_draws_synthetic_points(tmp_path):
